@@ -1,0 +1,158 @@
+"""TransformerConfig: the one frozen object every module reads, and its named presets."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+ACTIVATIONS = ('relu', 'gelu', 'gelu_tanh', 'swiglu')
+NORMS = ('layernorm', 'rmsnorm')
+NORM_POSITIONS = ('post', 'pre')
+POSITIONS = ('sinusoidal', 'learned', 'rotary')
+ATTENTION_IMPLS = (None, 'xla', 'blockwise', 'cudnn')
+REMAT_POLICIES = ('none', 'full', 'dots_saveable')
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Hyperparameters shared by `Transformer`, `BertEncoder` and `GPT`.
+
+  Frozen and hashable, so it can be a `jax.jit` static argument. Every field is checked when the
+  object is built; a bad value raises `ValueError` naming it.
+  """
+
+  vocab_size: int = 256
+  d_model: int = 64
+  num_heads: int = 4
+  num_kv_heads: int | None = None  # None: num_heads (multi-head); 1: multi-query; else grouped.
+  head_dim: int | None = None  # None: d_model // num_heads.
+  num_encoder_layers: int = 2
+  num_decoder_layers: int = 2
+  d_ff: int = 256
+  activation: str = 'relu'  # 'relu' | 'gelu' (erf) | 'gelu_tanh' (GPT-2) | 'swiglu'
+  norm: str = 'layernorm'  # 'layernorm' | 'rmsnorm'
+  norm_position: str = 'post'  # 'post' (the paper, BERT) | 'pre' (GPT-2, final norm added)
+  norm_eps: float = 1e-5
+  positions: str = 'sinusoidal'  # 'sinusoidal' | 'learned' | 'rotary'
+  rope_base: float = 10000.0
+  max_len: int = 256
+  type_vocab_size: int = 2  # BertEncoder's token types.
+  dropout_rate: float = 0.1
+  attention_dropout_rate: float = 0.0
+  use_bias: bool = True
+  fused_qkv: bool = True  # one input projection for q|k|v in self-attention (k|v in cross)
+  tie_embeddings: bool = True  # output projection = transposed token embedding
+  scale_embeddings: bool = False  # multiply token embeddings by sqrt(d_model), as in the paper
+  init_std: float | None = None  # None: Xavier uniform (the paper, PyTorch); else normal(init_std)
+  pad_id: int = 0
+  bos_id: int = 1
+  eos_id: int = 2
+  dtype: Any = jnp.float32  # compute dtype
+  param_dtype: Any = jnp.float32
+  attention_impl: str | None = None
+  remat: str = 'none'  # 'none' | 'full' | 'dots_saveable'
+  scan_layers: bool = False
+
+  def __post_init__(self):
+    def fail(msg):
+      raise ValueError(msg)
+
+    for name in ('vocab_size', 'd_model', 'num_heads', 'd_ff', 'max_len', 'type_vocab_size'):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value <= 0:
+        fail(f'{name}={value!r} must be a positive integer')
+    for name in ('num_encoder_layers', 'num_decoder_layers'):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value < 0:
+        fail(f'{name}={value!r} must be a non-negative integer')
+    if self.head_dim is None and self.d_model % self.num_heads:
+      fail(f'd_model={self.d_model} is not divisible by num_heads={self.num_heads} '
+           '(set head_dim explicitly to decouple them)')
+    if self.head_dim is not None and (not isinstance(self.head_dim, int) or self.head_dim <= 0):
+      fail(f'head_dim={self.head_dim!r} must be a positive integer or None')
+    kv = self.num_kv_heads
+    if kv is not None and (not isinstance(kv, int) or kv <= 0 or self.num_heads % kv):
+      fail(f'num_heads={self.num_heads} is not divisible by num_kv_heads={kv!r} '
+           '(grouped-query attention needs whole groups)')
+    choices = {'activation': ACTIVATIONS, 'norm': NORMS, 'norm_position': NORM_POSITIONS,
+               'positions': POSITIONS, 'attention_impl': ATTENTION_IMPLS, 'remat': REMAT_POLICIES}
+    for name, allowed in choices.items():
+      if getattr(self, name) not in allowed:
+        fail(f'{name}={getattr(self, name)!r} is not one of {allowed}')
+    if self.positions == 'rotary' and self.head_size % 2:
+      fail(f'rotary positions need an even head_dim, got head_dim={self.head_size}')
+    for name in ('dropout_rate', 'attention_dropout_rate'):
+      value = getattr(self, name)
+      if not 0.0 <= value < 1.0:
+        fail(f'{name}={value!r} must be in [0, 1)')
+    if self.norm_eps <= 0:
+      fail(f'norm_eps={self.norm_eps!r} must be positive')
+    for name in ('pad_id', 'bos_id', 'eos_id'):
+      value = getattr(self, name)
+      if not 0 <= value < self.vocab_size:
+        fail(f'{name}={value!r} is outside the vocabulary [0, {self.vocab_size})')
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+  @property
+  def head_size(self) -> int:
+    return self.d_model // self.num_heads if self.head_dim is None else self.head_dim
+
+  def replace(self, **overrides) -> TransformerConfig:
+    return dataclasses.replace(self, **overrides)
+
+  def to_dict(self) -> dict:
+    """JSON-friendly fields (dtypes by name)."""
+    out = dataclasses.asdict(self)
+    out['dtype'] = jnp.dtype(self.dtype).name
+    out['param_dtype'] = jnp.dtype(self.param_dtype).name
+    return out
+
+  @classmethod
+  def from_dict(cls, fields: dict) -> TransformerConfig:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+      raise ValueError(f'unknown TransformerConfig fields {unknown}')
+    fields = dict(fields)
+    for name in ('dtype', 'param_dtype'):
+      if isinstance(fields.get(name), str):
+        fields[name] = jnp.dtype(fields[name])
+    return cls(**fields)
+
+  @classmethod
+  def preset(cls, name: str, **overrides) -> TransformerConfig:
+    """A named configuration, e.g. `TransformerConfig.preset('gpt2-small', dropout_rate=0.0)`."""
+    if name not in PRESETS:
+      raise ValueError(f'unknown preset {name!r}; expected one of {sorted(PRESETS)}')
+    return cls(**{**PRESETS[name], **overrides})
+
+
+_VASWANI = dict(activation='relu', norm='layernorm', norm_position='post', positions='sinusoidal',
+                scale_embeddings=True, tie_embeddings=True, dropout_rate=0.1, max_len=1024,
+                vocab_size=37000)
+_BERT = dict(vocab_size=30522, d_model=768, num_heads=12, num_encoder_layers=12,
+             num_decoder_layers=0, d_ff=3072, activation='gelu', norm_position='post',
+             norm_eps=1e-12, positions='learned', max_len=512, init_std=0.02, dropout_rate=0.1)
+_GPT2 = dict(vocab_size=50257, d_model=768, num_heads=12, num_encoder_layers=0,
+             num_decoder_layers=12, d_ff=3072, activation='gelu_tanh', norm_position='pre',
+             norm_eps=1e-5, positions='learned', max_len=1024, init_std=0.02, dropout_rate=0.1,
+             pad_id=0, bos_id=50256, eos_id=50256)
+
+PRESETS: dict[str, dict] = {
+    # Small enough for tests and CPU demos; the defaults above.
+    'tiny': dict(vocab_size=256, d_model=64, num_heads=4, num_encoder_layers=2,
+                 num_decoder_layers=2, d_ff=256, max_len=256, dropout_rate=0.1),
+    'vaswani-base': dict(_VASWANI, d_model=512, num_heads=8, num_encoder_layers=6,
+                         num_decoder_layers=6, d_ff=2048),
+    'vaswani-big': dict(_VASWANI, d_model=1024, num_heads=16, num_encoder_layers=6,
+                        num_decoder_layers=6, d_ff=4096, dropout_rate=0.3),
+    'bert-base': _BERT,
+    'bert-large': dict(_BERT, d_model=1024, num_heads=16, num_encoder_layers=24, d_ff=4096),
+    'gpt2-small': _GPT2,
+    'gpt2-medium': dict(_GPT2, d_model=1024, num_heads=16, num_decoder_layers=24, d_ff=4096),
+}

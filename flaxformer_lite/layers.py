@@ -1,0 +1,126 @@
+"""Embeddings, positional encodings, feed-forward and normalization layers."""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flaxformer_lite.config import TransformerConfig
+
+
+def kernel_init(cfg: TransformerConfig):
+  if cfg.init_std is None:
+    return nn.initializers.xavier_uniform()
+  return nn.initializers.normal(cfg.init_std)
+
+
+def dense_general(cfg: TransformerConfig, features, kernel_axes, axis=-1, *, use_bias=None,
+                  name=None) -> nn.DenseGeneral:
+  """A DenseGeneral whose kernel and bias carry logical axis names.
+
+  DenseGeneral initializes the kernel flattened to [inputs, outputs], so Xavier's fans are those
+  of the equivalent PyTorch Linear.
+  """
+  features = features if isinstance(features, tuple) else (features,)
+  n_in = 1 if isinstance(axis, int) else len(axis)
+  init = kernel_init(cfg)
+  use_bias = cfg.use_bias if use_bias is None else use_bias
+  return nn.DenseGeneral(
+      features=features, axis=axis, use_bias=use_bias, dtype=cfg.dtype,
+      param_dtype=cfg.param_dtype,
+      kernel_init=nn.with_logical_partitioning(init, kernel_axes),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                             kernel_axes[n_in:]),
+      name=name)
+
+
+def sinusoidal_table(max_len: int, d_model: int) -> np.ndarray:
+  """`[max_len, D]` sinusoids of the paper's frequencies 10000^(-2i/D), laid out [sin | cos] by
+  halves rather than interleaved (as tensor2tensor and Marian do)."""
+  half = d_model // 2
+  inv_freq = np.exp(-math.log(10000.0) * 2 * np.arange(half) / d_model)
+  angles = np.arange(max_len)[:, None] * inv_freq[None, :]
+  table = np.zeros((max_len, d_model), dtype=np.float32)
+  table[:, :half] = np.sin(angles)
+  table[:, half:2 * half] = np.cos(angles)
+  return table
+
+
+class Embed(nn.Module):
+  """Token embedding `[V, D]`, shared with the output projection via `attend`."""
+  config: TransformerConfig
+
+  def setup(self):
+    cfg = self.config
+    std = cfg.init_std if cfg.init_std is not None else cfg.d_model ** -0.5
+    self.embedding = self.param(
+        'embedding', nn.with_logical_partitioning(nn.initializers.normal(std), ('vocab', 'embed')),
+        (cfg.vocab_size, cfg.d_model), cfg.param_dtype)
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    """tokens `[B, T]` -> `[B, T, D]`, times sqrt(D) when `scale_embeddings` (the paper)."""
+    x = jnp.take(jnp.asarray(self.embedding, self.config.dtype), tokens, axis=0)
+    if self.config.scale_embeddings:
+      x = x * jnp.sqrt(jnp.asarray(self.config.d_model, self.config.dtype))
+    return x
+
+  def attend(self, x: jax.Array) -> jax.Array:
+    """x `[B, T, D]` -> logits `[B, T, V]` with the transposed embedding."""
+    return jnp.einsum('btd,vd->btv', x, jnp.asarray(self.embedding, self.config.dtype))
+
+
+class AddPositions(nn.Module):
+  """Adds sinusoidal or learned position embeddings at `positions [B, T]`; rotary adds nothing here."""
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+    cfg = self.config
+    if cfg.positions == 'rotary':
+      return x
+    if cfg.positions == 'sinusoidal':
+      table = jnp.asarray(sinusoidal_table(cfg.max_len, cfg.d_model))
+    else:
+      table = self.param(
+          'embedding',
+          nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std or 0.02),
+                                       (None, 'embed')),
+          (cfg.max_len, cfg.d_model), cfg.param_dtype)
+    return x + jnp.take(table, positions, axis=0).astype(x.dtype)
+
+
+class FeedForward(nn.Module):
+  """`[B, T, D]` -> `[B, T, D]`: wi, activation, dropout, wo (swiglu: silu(wi_gate) * wi)."""
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+    cfg = self.config
+    h = dense_general(cfg, cfg.d_ff, ('embed', 'mlp'), name='wi')(x)
+    if cfg.activation == 'swiglu':
+      gate = dense_general(cfg, cfg.d_ff, ('embed', 'mlp'), name='wi_gate')(x)
+      h = nn.silu(gate) * h
+    elif cfg.activation == 'relu':
+      h = nn.relu(h)
+    else:
+      h = nn.gelu(h, approximate=cfg.activation == 'gelu_tanh')
+    h = nn.with_logical_constraint(h, ('batch', 'length', 'mlp'))
+    h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+    return dense_general(cfg, cfg.d_model, ('mlp', 'embed'), name='wo')(h)
+
+
+def norm(cfg: TransformerConfig, name: str | None = None) -> nn.Module:
+  """LayerNorm or RMSNorm over the last axis; statistics in float32."""
+  scale = nn.with_logical_partitioning(nn.initializers.ones_init(), ('embed',))
+  if cfg.norm == 'rmsnorm':
+    return nn.RMSNorm(epsilon=cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                      scale_init=scale, name=name)
+  return nn.LayerNorm(epsilon=cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                      use_bias=cfg.use_bias, scale_init=scale,
+                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                             ('embed',)),
+                      name=name)

@@ -1,0 +1,227 @@
+"""The three model families: encoder-decoder Transformer, BertEncoder and GPT."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flaxformer_lite import layers
+from flaxformer_lite.attention import make_causal_mask, make_padding_mask, combine_masks
+from flaxformer_lite.blocks import DecoderLayer, EncoderLayer, LayerStack
+from flaxformer_lite.config import TransformerConfig
+
+
+def check_tokens(tokens, cfg: TransformerConfig, name: str = 'tokens') -> None:
+  """Raises ValueError for a bad token array: shape and length always, values when concrete."""
+  if tokens.ndim != 2:
+    raise ValueError(f'{name} must be [batch, length]; got shape {tokens.shape}')
+  if not jnp.issubdtype(tokens.dtype, jnp.integer):
+    raise ValueError(f'{name} must be integer token ids; got dtype {tokens.dtype}')
+  if tokens.shape[1] > cfg.max_len:
+    raise ValueError(f'{name} length {tokens.shape[1]} is longer than max_len={cfg.max_len}')
+  if not isinstance(tokens, jax.core.Tracer) and tokens.size:
+    values = np.asarray(tokens)  # on the host: under a trace, jnp would give tracers
+    low, high = int(values.min()), int(values.max())
+    if low < 0 or high >= cfg.vocab_size:
+      bad = low if low < 0 else high
+      raise ValueError(f'{name} holds id {bad}, outside the vocabulary [0, {cfg.vocab_size})')
+
+
+def _arange_positions(tokens):
+  return jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+
+
+class DecodePosition(nn.Module):
+  """Per-example decoding position `[B]` kept in the 'cache' collection.
+
+  Each call returns the positions `[B, T]` of its tokens and advances every example by its number
+  of non-pad tokens, so right-padded prompts of different lengths continue from their own ends.
+  """
+
+  @nn.compact
+  def __call__(self, valid: jax.Array) -> jax.Array:
+    is_init = not self.has_variable('cache', 'position')
+    position = self.variable('cache', 'position', jnp.zeros, valid.shape[:1], jnp.int32)
+    positions = jnp.arange(valid.shape[1], dtype=jnp.int32)[None, :] + position.value[:, None]
+    if not is_init:
+      position.value = position.value + valid.sum(axis=1, dtype=jnp.int32)
+    return positions
+
+
+def _output_logits(cfg, embed, x, name='lm_head'):
+  if cfg.tie_embeddings:
+    logits = embed.attend(x)
+  else:
+    logits = layers.dense_general(cfg, cfg.vocab_size, ('embed', 'vocab'), use_bias=False,
+                                  name=name)(x)
+  # Losses and sampling want float32 logits whatever the compute dtype.
+  return nn.with_logical_constraint(logits.astype(jnp.float32), ('batch', 'length', 'vocab'))
+
+
+class GPT(nn.Module):
+  """Decoder-only causal language model (GPT-2 with the `gpt2-small` preset).
+
+  Reads `config.num_decoder_layers`. Decoder layers without cross-attention, pre- or post-norm.
+  """
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, tokens, *, deterministic=True, decode=False, capture_attention=False):
+    """tokens `[B, T]` -> logits `[B, T, V]` (float32).
+
+    `decode=True` (with `mutable=['cache']`) appends the tokens to the key/value cache and
+    attends over it; tokens equal to `pad_id` are never attended to.
+    """
+    cfg = self.config
+    check_tokens(tokens, cfg)
+    valid = tokens != cfg.pad_id
+    if decode:
+      positions = DecodePosition(name='decode_position')(valid)
+      mask = None  # the cache builds its own mask from the positions
+    else:
+      positions = _arange_positions(tokens)
+      mask = combine_masks(make_causal_mask(tokens.shape[1]), make_padding_mask(valid))
+    embed = layers.Embed(cfg, name='embed')
+    x = layers.AddPositions(cfg, name='positions')(embed(tokens), positions)
+    x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+    x = LayerStack(cfg, DecoderLayer, cfg.num_decoder_layers, name='decoder')(
+        x, (None, mask, None, positions), (deterministic, decode, capture_attention))
+    return _output_logits(cfg, embed, x)
+
+
+class Transformer(nn.Module):
+  """The encoder-decoder Transformer of "Attention Is All You Need".
+
+  One embedding is shared by source, target and (with `tie_embeddings`) the output projection.
+  """
+  config: TransformerConfig
+
+  def setup(self):
+    cfg = self.config
+    self.embed = layers.Embed(cfg)
+    self.encoder_positions = layers.AddPositions(cfg)
+    self.decoder_positions = layers.AddPositions(cfg)
+    self.dropout = nn.Dropout(cfg.dropout_rate)
+    self.encoder = LayerStack(cfg, EncoderLayer, cfg.num_encoder_layers)
+    self.decoder = LayerStack(cfg, DecoderLayer, cfg.num_decoder_layers)
+    self.decode_position = DecodePosition()
+
+  def encode(self, src_tokens, *, deterministic=True, capture_attention=False):
+    """src_tokens `[B, S]` -> encoded `[B, S, D]`."""
+    cfg = self.config
+    check_tokens(src_tokens, cfg, 'src_tokens')
+    valid = src_tokens != cfg.pad_id
+    x = self.encoder_positions(self.embed(src_tokens), _arange_positions(src_tokens))
+    x = self.dropout(x, deterministic=deterministic)
+    return self.encoder(x, (make_padding_mask(valid), _arange_positions(src_tokens)),
+                        (deterministic, capture_attention))
+
+  def decode(self, encoded, src_tokens, tgt_tokens, *, deterministic=True, decode=False,
+             capture_attention=False):
+    """encoded `[B, S, D]`, src_tokens `[B, S]`, tgt_tokens `[B, T]` -> logits `[B, T, V]`.
+
+    `tgt_tokens` is the decoder input: the target shifted right, starting with `bos_id`.
+    """
+    cfg = self.config
+    check_tokens(tgt_tokens, cfg, 'tgt_tokens')
+    src_valid = src_tokens != cfg.pad_id
+    tgt_valid = tgt_tokens != cfg.pad_id
+    if decode:
+      positions = self.decode_position(tgt_valid)
+      self_mask = None
+      cross_mask = src_valid[:, None, None, :]
+    else:
+      positions = _arange_positions(tgt_tokens)
+      self_mask = combine_masks(make_causal_mask(tgt_tokens.shape[1]),
+                                make_padding_mask(tgt_valid))
+      cross_mask = make_padding_mask(tgt_valid, src_valid)
+    x = self.decoder_positions(self.embed(tgt_tokens), positions)
+    x = self.dropout(x, deterministic=deterministic)
+    x = self.decoder(x, (encoded, self_mask, cross_mask, positions),
+                     (deterministic, decode, capture_attention))
+    return _output_logits(cfg, self.embed, x)
+
+  def __call__(self, src_tokens, tgt_tokens, *, deterministic=True, capture_attention=False):
+    """src `[B, S]`, tgt (decoder input) `[B, T]` -> logits `[B, T, V]` (float32)."""
+    encoded = self.encode(src_tokens, deterministic=deterministic,
+                          capture_attention=capture_attention)
+    return self.decode(encoded, src_tokens, tgt_tokens, deterministic=deterministic,
+                       capture_attention=capture_attention)
+
+
+class MaskedLMHead(nn.Module):
+  """BERT's masked-LM head: dense, gelu, norm, then the token embedding transposed plus a bias."""
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, hidden, embed: layers.Embed):
+    """hidden `[B, T, D]` -> logits `[B, T, V]` (float32)."""
+    cfg = self.config
+    h = layers.dense_general(cfg, cfg.d_model, ('mlp', 'embed'), name='transform')(hidden)
+    h = layers.norm(cfg, 'norm')(nn.gelu(h, approximate=False))
+    bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                           ('vocab',)),
+                      (cfg.vocab_size,), cfg.param_dtype)
+    return (embed.attend(h) + bias).astype(jnp.float32)
+
+
+class BertEncoder(nn.Module):
+  """Encoder-only BERT: word + position + token-type embeddings, LayerNorm, encoder stack.
+
+  `init(rng, tokens)` creates the backbone and the [CLS] pooler (BERT-base: 109,482,240
+  parameters). The heads are methods: `mlm_logits` and `classify`; initialize with
+  `method=BertEncoder.mlm_logits` (or `classify`) to create the head you will train.
+  """
+  config: TransformerConfig
+  num_labels: int = 2
+
+  def setup(self):
+    cfg = self.config
+    self.embed = layers.Embed(cfg)
+    self.positions = layers.AddPositions(cfg)
+    self.token_types = self.param(
+        'token_type_embedding',
+        nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std or 0.02),
+                                     (None, 'embed')),
+        (cfg.type_vocab_size, cfg.d_model), cfg.param_dtype)
+    self.embed_norm = layers.norm(cfg)
+    self.dropout = nn.Dropout(cfg.dropout_rate)
+    self.encoder = LayerStack(cfg, EncoderLayer, cfg.num_encoder_layers)
+    self.pooler = layers.dense_general(cfg, cfg.d_model, ('mlp', 'embed'))
+    self.mlm_head = MaskedLMHead(cfg)
+    self.classifier = layers.dense_general(cfg, self.num_labels, ('embed', None))
+
+  def __call__(self, tokens, token_types=None, *, deterministic=True, capture_attention=False):
+    """tokens `[B, T]`, token_types `[B, T]` (default zeros) -> hidden `[B, T, D]`."""
+    cfg = self.config
+    check_tokens(tokens, cfg)
+    if token_types is None:
+      token_types = jnp.zeros_like(tokens)
+    elif token_types.shape != tokens.shape:
+      raise ValueError(f'token_types shape {token_types.shape} != tokens shape {tokens.shape}')
+    positions = _arange_positions(tokens)
+    x = self.positions(self.embed(tokens), positions)
+    x = x + jnp.take(jnp.asarray(self.token_types, cfg.dtype), token_types, axis=0)
+    x = self.dropout(self.embed_norm(x), deterministic=deterministic)
+    hidden = self.encoder(x, (make_padding_mask(tokens != cfg.pad_id), positions),
+                          (deterministic, capture_attention))
+    if self.is_initializing():
+      self.pool(hidden)  # the pooler belongs to the backbone's parameters, as in BERT
+    return hidden
+
+  def pool(self, hidden):
+    """hidden `[B, T, D]` -> `[B, D]`: tanh(dense(hidden of the first, [CLS], token))."""
+    return jnp.tanh(self.pooler(hidden[:, 0]))
+
+  def mlm_logits(self, tokens, token_types=None, *, deterministic=True):
+    """Masked-LM logits `[B, T, V]` (float32); the output matrix is the token embedding."""
+    hidden = self(tokens, token_types, deterministic=deterministic)
+    return self.mlm_head(hidden, self.embed)
+
+  def classify(self, tokens, token_types=None, *, deterministic=True):
+    """Sequence-classification logits `[B, num_labels]` (float32) from the pooled [CLS]."""
+    hidden = self(tokens, token_types, deterministic=deterministic)
+    pooled = self.dropout(self.pool(hidden), deterministic=deterministic)
+    return self.classifier(pooled).astype(jnp.float32)
