@@ -1,0 +1,31 @@
+# make test: venv + `pip install -e .[dev]` (again only when pyproject.toml changes), then pytest.
+# make train: venv + the runtime deps, then `python -m train $(ARGS)`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: test train venv clean
+
+test: $(VENV)/.installed-dev
+	$(PY) -m pytest -n 2
+
+train: $(VENV)/.installed
+	$(PY) -m train $(ARGS)
+
+venv: $(PY)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(PY)
+	$(PY) -m pip install -e .
+	touch $@
+
+# The dev install brings the runtime deps too, so it satisfies `make train` as well.
+$(VENV)/.installed-dev: pyproject.toml | $(PY)
+	$(PY) -m pip install -e '.[dev]'
+	touch $@ $(VENV)/.installed
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
