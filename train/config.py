@@ -1,0 +1,102 @@
+"""The run's settings: one frozen dataclass filled from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from flaxformer_lite import PRESETS
+
+TASK_NAMES = ('dates', 'text', 'mlm', 'translate')
+# Per-task defaults chosen so `python -m train` with no arguments converges on 2 CPU cores.
+TASK_DEFAULTS = {
+    'dates': dict(steps=3000, batch_size=64, learning_rate=2e-3, warmup=300),
+    'translate': dict(steps=5000, batch_size=64, learning_rate=1e-3, warmup=500),
+    'text': dict(steps=2000, batch_size=32, learning_rate=1e-3, warmup=200),
+    'mlm': dict(steps=2000, batch_size=32, learning_rate=1e-3, warmup=200),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  task: str = 'dates'
+  preset: str = 'tiny'
+  steps: int | None = None
+  batch_size: int | None = None
+  workdir: str = 'workdir'
+  data: str | None = None
+  seq_len: int = 128
+  seed: int = 0
+  learning_rate: float | None = None
+  schedule: str | None = None  # None: the task's default (rsqrt for seq2seq, else cosine)
+  warmup: int | None = None
+  weight_decay: float = 0.01
+  clip_norm: float = 1.0
+  label_smoothing: float = 0.1
+  accumulate: int = 1
+  dtype: str = 'float32'
+  dropout: float | None = None
+  eval_every: int = 500
+  checkpoint_every: int = 500
+  keep_checkpoints: int = 3
+  log_every: int = 50
+  examples: int = 8
+  on_bad_bytes: str = 'error'
+  progress: bool = True
+
+  def __post_init__(self):
+    if self.task not in TASK_NAMES:
+      raise ValueError(f'--task {self.task!r} is not one of {", ".join(TASK_NAMES)}')
+    if self.preset not in PRESETS:
+      raise ValueError(f'--preset {self.preset!r} is not one of {", ".join(sorted(PRESETS))}')
+    for name in ('steps', 'batch_size', 'seq_len', 'accumulate', 'eval_every', 'checkpoint_every',
+                 'keep_checkpoints', 'log_every', 'warmup'):
+      value = getattr(self, name)
+      if value is not None and value < (0 if name == 'warmup' else 1):
+        raise ValueError(f'--{name.replace("_", "-")} {value} must be positive')
+    if self.dtype not in ('float32', 'bfloat16'):
+      raise ValueError(f'--dtype {self.dtype!r} is not one of float32, bfloat16')
+    if self.schedule not in (None, 'rsqrt', 'cosine', 'constant'):
+      raise ValueError(f'--schedule {self.schedule!r} is not one of rsqrt, cosine, constant')
+    if self.on_bad_bytes not in ('error', 'replace'):
+      raise ValueError(f'--on-bad-bytes {self.on_bad_bytes!r} is not one of error, replace')
+    defaults = TASK_DEFAULTS[self.task]
+    for name in ('steps', 'batch_size', 'learning_rate', 'warmup'):
+      if getattr(self, name) is None:
+        object.__setattr__(self, name, defaults[name])
+
+
+def parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog='python -m train', description=(
+      'Train a flaxformer_lite model. Rerunning the same command with the same --workdir '
+      'resumes from the newest checkpoint.'))
+  p.add_argument('--task', default='dates', help=f'one of {", ".join(TASK_NAMES)}')
+  p.add_argument('--preset', default='tiny', help=f'model preset: {", ".join(sorted(PRESETS))}')
+  p.add_argument('--steps', type=int, help='total training steps (micro-batches)')
+  p.add_argument('--batch-size', type=int, help='global batch size (all devices)')
+  p.add_argument('--workdir', default='workdir', help='checkpoints, metrics and plots go here')
+  p.add_argument('--data', help='text file/folder (text, mlm) or TSV file (translate)')
+  p.add_argument('--seq-len', type=int, default=128, help='sequence length (text, mlm, translate)')
+  p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--learning-rate', type=float, help='peak learning rate')
+  p.add_argument('--schedule', help='rsqrt (the paper), cosine or constant')
+  p.add_argument('--warmup', type=int, help='warmup steps')
+  p.add_argument('--weight-decay', type=float, default=0.01)
+  p.add_argument('--clip-norm', type=float, default=1.0)
+  p.add_argument('--label-smoothing', type=float, default=0.1)
+  p.add_argument('--accumulate', type=int, default=1, help='micro-batches per optimizer update')
+  p.add_argument('--dtype', default='float32', help='compute dtype: float32 or bfloat16 '
+                 '(parameters stay float32)')
+  p.add_argument('--dropout', type=float, help="override the preset's dropout rate")
+  p.add_argument('--eval-every', type=int, default=500)
+  p.add_argument('--checkpoint-every', type=int, default=500)
+  p.add_argument('--keep-checkpoints', type=int, default=3)
+  p.add_argument('--log-every', type=int, default=50)
+  p.add_argument('--examples', type=int, default=8, help='example outputs printed at the end')
+  p.add_argument('--on-bad-bytes', default='error', help='error (default) or replace')
+  p.add_argument('--no-progress', dest='progress', action='store_false')
+  return p
+
+
+def from_args(argv=None) -> RunConfig:
+  return RunConfig(**vars(parser().parse_args(argv)))

@@ -1,0 +1,180 @@
+"""Deterministic data: a byte tokenizer, the tasks' example sources and grain pipelines.
+
+Every training dataset is a grain `MapDataset` indexed by step: the batch of step s is
+`dataset[s]`, a pure function of (seed, s). The data position of a checkpoint is therefore its
+step, and a resumed run reads exactly the batches an uninterrupted run would have read.
+"""
+
+from __future__ import annotations
+
+import datetime
+import pathlib
+import sysconfig
+
+import grain
+import numpy as np
+
+PAD, BOS, EOS, MASK = 0, 1, 2, 3
+_OFFSET = 4  # byte b is token b + 4
+VOCAB_SIZE = 264  # 4 specials + 256 bytes, rounded up to a multiple of 8
+
+
+class DataError(ValueError):
+  """Bad user data: the CLI prints it as one line and exits non-zero."""
+
+
+def encode(text: str | bytes) -> np.ndarray:
+  data = text.encode('utf-8') if isinstance(text, str) else text
+  return np.frombuffer(data, np.uint8).astype(np.int32) + _OFFSET
+
+
+def decode(tokens) -> str:
+  """Token ids -> text; stops at the first EOS and skips the other special tokens."""
+  out = bytearray()
+  for t in np.asarray(tokens).tolist():
+    if t == EOS:
+      break
+    if t >= _OFFSET:
+      out.append(t - _OFFSET)
+  return out.decode('utf-8', errors='replace')
+
+
+def pad_to(tokens: np.ndarray, length: int) -> np.ndarray:
+  out = np.full(length, PAD, np.int32)
+  tokens = tokens[:length]
+  out[:len(tokens)] = tokens
+  return out
+
+
+def read_text(path: str | pathlib.Path, on_bad_bytes: str = 'error') -> str:
+  """Reads UTF-8 text; bad bytes are reported with file and offset, or replaced (U+FFFD)."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise DataError(f'--data {path}: no such file')
+  data = path.read_bytes()
+  if not data.strip():
+    raise DataError(f'--data {path}: the file is empty')
+  try:
+    return data.decode('utf-8', errors='strict' if on_bad_bytes == 'error' else 'replace')
+  except UnicodeDecodeError as e:
+    raise DataError(f'--data {path}: byte {e.start} (0x{data[e.start]:02x}) is not valid UTF-8; '
+                    'pass --on-bad-bytes replace to replace such bytes') from None
+
+
+# ----------------------------------------------------------------------------------------------
+# dates: "Tuesday, 24 November 2026" -> "2026-11-24"
+
+MONTHS = ['January', 'February', 'March', 'April', 'May', 'June', 'July', 'August', 'September',
+          'October', 'November', 'December']
+WEEKDAYS = ['Monday', 'Tuesday', 'Wednesday', 'Thursday', 'Friday', 'Saturday', 'Sunday']
+_FIRST, _LAST = datetime.date(1950, 1, 1).toordinal(), datetime.date(2049, 12, 31).toordinal()
+# Every 10th day (by ordinal) is held out: evaluation dates never appear in training.
+_DAYS = np.arange(_FIRST, _LAST + 1)
+TRAIN_DAYS, EVAL_DAYS = _DAYS[_DAYS % 10 != 3], _DAYS[_DAYS % 10 == 3]
+
+
+def _ordinal_suffix(d: int) -> str:
+  return 'th' if 10 <= d % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(d % 10, 'th')
+
+
+_FORMATS = [
+    lambda d, w: f'{WEEKDAYS[w]}, {d.day} {MONTHS[d.month - 1]} {d.year}',
+    lambda d, w: f'{WEEKDAYS[w]} {MONTHS[d.month - 1]} {d.day}, {d.year}',
+    lambda d, w: f'{d.day} {MONTHS[d.month - 1]} {d.year}',
+    lambda d, w: f'{MONTHS[d.month - 1]} {d.day}, {d.year}',
+    lambda d, w: f'{MONTHS[d.month - 1][:3].lower()} {d.day} {d.year}',
+    lambda d, w: f'{d.day} {MONTHS[d.month - 1][:3]} {d.year}',
+    lambda d, w: f'{d.day:02d}/{d.month:02d}/{d.year % 100:02d}',
+    lambda d, w: f'{d.day}.{d.month}.{d.year}',
+    lambda d, w: f'{d.day:02d}-{MONTHS[d.month - 1][:3].upper()}-{d.year}',
+    lambda d, w: f'the {d.day}{_ordinal_suffix(d.day)} of {MONTHS[d.month - 1]} {d.year}',
+    lambda d, w: f'{WEEKDAYS[w][:3]} {d.day} {MONTHS[d.month - 1][:3]} {d.year % 100:02d}',
+    lambda d, w: f'{MONTHS[d.month - 1].upper()} {d.day} {d.year}',
+]
+
+
+def date_example(seed: int, index: int, split: str) -> tuple[str, str]:
+  """The index-th (human-written date, ISO date) pair of a split, a pure function of its args."""
+  rng = np.random.default_rng([seed, index, 0 if split == 'train' else 1])
+  days = TRAIN_DAYS if split == 'train' else EVAL_DAYS
+  day = datetime.date.fromordinal(int(days[rng.integers(len(days))]))
+  text = _FORMATS[rng.integers(len(_FORMATS))](day, day.weekday())
+  return text, day.isoformat()
+
+
+# ----------------------------------------------------------------------------------------------
+# text corpora, split by document
+
+def stdlib_documents(limit_bytes: int = 8_000_000) -> list[str]:
+  """The Python standard library's own .py files (every machine has them), sorted by path."""
+  root = pathlib.Path(sysconfig.get_paths()['stdlib'])
+  docs, total = [], 0
+  for path in sorted(root.glob('*.py')) + sorted(root.glob('*/*.py')):
+    if 'site-packages' in path.parts or 'test' in path.parts:
+      continue
+    text = path.read_bytes().decode('utf-8', errors='replace')
+    docs.append(text)
+    total += len(text)
+    if total >= limit_bytes:
+      break
+  return docs
+
+
+def text_documents(data: str | None, on_bad_bytes: str = 'error') -> list[str]:
+  """Documents of --data (a file split at blank lines, or a folder's files) or the stdlib's."""
+  if data is None:
+    return stdlib_documents()
+  path = pathlib.Path(data)
+  if path.is_dir():
+    files = sorted(p for p in path.rglob('*') if p.is_file())
+    if not files:
+      raise DataError(f'--data {path}: the folder has no files')
+    return [read_text(p, on_bad_bytes) for p in files]
+  docs = [d for d in read_text(path, on_bad_bytes).split('\n\n') if d.strip()]
+  return docs
+
+
+def split_documents(docs: list, every: int = 10) -> tuple[list, list]:
+  """Every `every`-th document is held out for evaluation."""
+  if len(docs) < 2:
+    return docs, docs
+  return ([d for i, d in enumerate(docs) if i % every != every - 1] or docs,
+          [d for i, d in enumerate(docs) if i % every == every - 1] or docs[-1:])
+
+
+def token_stream(docs: list[str]) -> np.ndarray:
+  """All documents as one token array, each followed by EOS."""
+  parts = []
+  for d in docs:
+    parts += [encode(d), np.array([EOS], np.int32)]
+  return np.concatenate(parts)
+
+
+def read_pairs(path: str, on_bad_bytes: str = 'error') -> list[tuple[str, str]]:
+  """Tab-separated (source, target) lines."""
+  pairs = []
+  for n, line in enumerate(read_text(path, on_bad_bytes).splitlines(), 1):
+    if not line.strip():
+      continue
+    fields = line.split('\t')
+    if len(fields) != 2:
+      raise DataError(f'--data {path}: line {n} has {len(fields)} tab-separated fields, '
+                      'expected 2 (source<TAB>target)')
+    pairs.append((fields[0], fields[1]))
+  if not pairs:
+    raise DataError(f'--data {path}: no sentence pairs')
+  return pairs
+
+
+# ----------------------------------------------------------------------------------------------
+# batches
+
+def batched(examples: grain.MapDataset, batch_size: int) -> grain.MapDataset:
+  """Batches of `batch_size`; `dataset[s]` is the batch of step s."""
+  return examples.batch(batch_size, drop_remainder=True)
+
+
+def prefetch(dataset: grain.MapDataset, start: int):
+  """Iterates `dataset[start], dataset[start + 1], ...` with background threads."""
+  return iter(dataset[start:].to_iter_dataset(
+      grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)))

@@ -1,0 +1,206 @@
+"""The training loop: build or resume the state, train, evaluate, checkpoint, report."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flaxformer_lite import viz
+from train import checkpoint, data, optim, parallel
+from train import state as state_lib
+from train.config import RunConfig
+from train.metrics import MetricsLog, progress
+from train.step import make_eval_step, make_train_step
+from train.tasks import TASKS, Seq2SeqTask
+
+
+class StopRequested:
+  """SIGTERM/SIGINT set a flag; the loop saves and exits at the next step boundary."""
+
+  def __init__(self):
+    self.signal = None
+    self._old = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._old[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    self.signal = signal.Signals(signum).name
+
+  def __exit__(self, *exc):
+    for sig, handler in self._old.items():
+      signal.signal(sig, handler)
+
+
+def check_workdir(workdir: str) -> None:
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, '.write-test')
+    with open(probe, 'w') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise ValueError(f'--workdir {workdir}: not writable ({e.strerror})') from None
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything derived from a RunConfig: task, model, optimizer, mesh and abstract state."""
+  run: RunConfig
+  task: object
+  model: object
+  tx: object
+  learning_rate: object
+  mesh: object
+  abstract_state: object
+  shardings: object
+
+  @property
+  def model_config(self):
+    return self.model.config
+
+
+def build(run: RunConfig) -> Setup:
+  task = TASKS[run.task](name=run.task, seed=run.seed, seq_len=run.seq_len, data_path=run.data,
+                         on_bad_bytes=run.on_bad_bytes)
+  task.prepare()
+  overrides = {'dtype': jnp.dtype(run.dtype)}
+  if run.dropout is not None:
+    overrides['dropout_rate'] = run.dropout
+  model = task.model_cls(task.config(run.preset, **overrides))
+  updates = -(-run.steps // run.accumulate)
+  learning_rate = optim.schedule(run.schedule or task.default_schedule, run.learning_rate,
+                                 run.warmup, updates)
+  tx = optim.make_optimizer(learning_rate=learning_rate, weight_decay=run.weight_decay,
+                            clip_norm=run.clip_norm, accumulate=run.accumulate)
+  mesh = parallel.make_mesh(run.batch_size)
+  create = functools.partial(state_lib.create, model, task, tx, run.seed,
+                             task.dummy_batch(run.batch_size))
+  abstract_state = jax.eval_shape(create)
+  shardings = parallel.state_shardings(mesh, abstract_state)
+  return Setup(run, task, model, tx, learning_rate, mesh, abstract_state, shardings)
+
+
+def restore_or_create(setup: Setup, ckpts: checkpoint.Checkpoints):
+  latest = ckpts.latest_step()
+  if latest is None:
+    create = functools.partial(state_lib.create, setup.model, setup.task, setup.tx,
+                               setup.run.seed, setup.task.dummy_batch(setup.run.batch_size))
+    return jax.jit(create, out_shardings=setup.shardings)()
+  ckpts.check(latest, setup.run.task, setup.model_config.to_dict())
+  state, _ = ckpts.restore(latest, checkpoint.abstract(setup.abstract_state, setup.shardings))
+  return state
+
+
+def evaluate(setup: Setup, eval_step, params, batches) -> dict:
+  sums = None
+  for batch in batches:
+    out = eval_step(params, parallel.put_batch(batch, setup.mesh))
+    sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+  sums = jax.device_get(sums)
+  weight = max(float(sums['weight']), 1.0)
+  result = {'loss': float(sums['nll']) / weight, 'accuracy': float(sums['correct']) / weight}
+  if setup.run.task in ('text', 'mlm'):
+    result['perplexity'] = math.exp(min(result['loss'], 50.0))
+  return result
+
+
+def run(run: RunConfig) -> dict:
+  """Trains (or resumes) as `run` says; returns the final evaluation."""
+  check_workdir(run.workdir)
+  setup = build(run)
+  is_main = jax.process_index() == 0
+  ckpts = checkpoint.Checkpoints(os.path.join(run.workdir, 'checkpoints'), run.keep_checkpoints)
+  try:
+    state = restore_or_create(setup, ckpts)
+    start = int(state.step)
+    meta = {'task': run.task, 'run': dataclasses.asdict(run),
+            'model_config': setup.model_config.to_dict()}
+    if is_main:
+      with open(os.path.join(run.workdir, 'config.json'), 'w') as f:
+        json.dump(meta, f, indent=2)
+    log = MetricsLog(run.workdir, start, enabled=is_main)
+    result = _train(setup, state, start, ckpts, log, meta)
+  finally:
+    ckpts.close()
+  return result
+
+
+def _train(setup: Setup, state, start: int, ckpts, log: MetricsLog, meta: dict) -> dict:
+  run, task, model = setup.run, setup.task, setup.model
+  train_step = make_train_step(model, task, setup.tx, label_smoothing=run.label_smoothing,
+                               learning_rate_fn=setup.learning_rate, accumulate=run.accumulate)
+  train_step, eval_step = parallel.compile_steps(train_step, make_eval_step(model, task),
+                                                 setup.mesh, setup.shardings)
+  eval_batches = task.eval_batches(run.batch_size)
+  batches = data.prefetch(data.batched(task.train_examples(), run.batch_size), start)
+  is_main = jax.process_index() == 0
+  if start:
+    print(f'resuming from step {start}')
+  bar = progress(start, run.steps, enabled=run.progress and is_main)
+  tokens, window_start, metrics = 0.0, time.perf_counter(), None
+  stopped = None
+  with StopRequested() as stop:
+    for step in range(start, run.steps):
+      state, metrics = train_step(state, parallel.put_batch(next(batches), setup.mesh))
+      tokens += run.batch_size * run.seq_len  # an upper bound replaced below at log time
+      done = step + 1
+      if done % run.log_every == 0 or done == run.steps:
+        m = jax.device_get(metrics)  # the one host sync per log window
+        elapsed = time.perf_counter() - window_start
+        steps_in_window = done - max(start, done - run.log_every)
+        tps = float(m['tokens']) * steps_in_window / max(elapsed, 1e-9)
+        log.write(done, 'train', loss=m['loss'], accuracy=m['accuracy'],
+                  learning_rate=m['learning_rate'], tokens_per_second=tps)
+        bar.set_postfix(loss=f'{float(m["loss"]):.3f}', tok_s=f'{tps:,.0f}')
+        tokens, window_start = 0.0, time.perf_counter()
+      bar.update(1)
+      if done % run.eval_every == 0 or done == run.steps:
+        result = evaluate(setup, eval_step, state.params, eval_batches)
+        extra, _ = task.examples(model, state.params, 0) if isinstance(task, Seq2SeqTask) else ({}, [])
+        log.write(done, 'eval', **result, **extra)
+      if stop.signal or done % run.checkpoint_every == 0 or done == run.steps:
+        ckpts.save(done, state, meta)
+      if stop.signal:
+        stopped = (stop.signal, done)
+        break
+  bar.close()
+  if stopped:
+    ckpts.close()
+    print(f'{stopped[0]}: saved a checkpoint at step {stopped[1]}; rerun the same command to '
+          'resume')
+    raise SystemExit(0)
+  result = evaluate(setup, eval_step, state.params, eval_batches)
+  extra, lines = task.examples(model, state.params, run.examples)
+  result.update(extra)
+  if is_main:
+    _report(setup, state, result, lines)
+  log.close()
+  return result
+
+
+def _report(setup: Setup, state, result: dict, lines: list[str]) -> None:
+  run = setup.run
+  print(f'\nfinal evaluation after {int(state.step)} steps: ' +
+        ', '.join(f'{k} {v:.4f}' for k, v in result.items()))
+  if lines:
+    print('examples (held-out):')
+    for line in lines:
+      print('  ' + line)
+  if isinstance(setup.task, Seq2SeqTask):
+    weights, x_labels, y_labels = setup.task.attention_example(setup.model, state.params)
+    path = viz.plot_attention(weights, x_labels, y_labels,
+                              os.path.join(run.workdir, 'attention.png'),
+                              title='cross-attention, last decoder layer (mean over heads)')
+    print(f'attention map: {path}')

@@ -1,0 +1,42 @@
+"""The optimizer: AdamW with a decay mask, warmup schedules, clipping, gradient accumulation."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def schedule(name: str, peak: float, warmup: int, total: int) -> optax.Schedule:
+  """'rsqrt': the paper's linear warmup then peak * sqrt(warmup / step) (d_model^-0.5 folded
+  into the peak); 'cosine': linear warmup then cosine decay to 10% of the peak; 'constant'."""
+  warmup = max(1, warmup)
+  if name == 'rsqrt':
+    def rsqrt(step):
+      step = jnp.maximum(step, 1).astype(jnp.float32)
+      return peak * jnp.minimum(step / warmup, jnp.sqrt(warmup / step))
+    return rsqrt
+  if name == 'cosine':
+    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total, warmup + 1),
+                                              end_value=0.1 * peak)
+  if name == 'constant':
+    return optax.constant_schedule(peak)
+  raise ValueError(f'schedule={name!r} is not one of rsqrt, cosine, constant')
+
+
+def decay_mask(params):
+  """Weight decay on matrices only: no decay on norms, biases or embeddings."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: getattr(path[-1], 'key', None) == 'kernel', params)
+
+
+def make_optimizer(*, learning_rate: optax.Schedule, weight_decay: float, clip_norm: float,
+                   accumulate: int, b2: float = 0.98) -> optax.GradientTransformation:
+  """Adam's b2=0.98 is the paper's; `accumulate` > 1 sums that many micro-steps per update."""
+  tx = optax.chain(
+      optax.clip_by_global_norm(clip_norm),
+      optax.adamw(learning_rate, b1=0.9, b2=b2, eps=1e-9, weight_decay=weight_decay,
+                  mask=decay_mask))
+  if accumulate > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=accumulate)
+  return tx

@@ -1,0 +1,34 @@
+"""TrainState: everything a step changes, as one pytree that orbax saves whole."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: optimizer micro-steps taken = batches consumed
+  params: Any
+  opt_state: Any
+  rng: jax.Array  # uint32 key data; step s uses fold_in(rng, s) for dropout
+
+
+def create(model, task, tx, seed: int, batch) -> TrainState:
+  """Initializes parameters and optimizer state (pure: usable under jit / eval_shape)."""
+  init_rng, dropout_rng = jax.random.split(jax.random.key(seed))
+  variables = model.init(init_rng, *task.init_args(batch), method=task.init_method)
+  params = nn.unbox(variables['params'])
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    rng=jax.random.key_data(dropout_rng))
+
+
+def logical_specs(model, task, seed: int, batch):
+  """The params' logical axis names (a PartitionSpec of logical names per leaf)."""
+  boxed = jax.eval_shape(lambda: model.init(jax.random.key(seed), *task.init_args(batch),
+                                            method=task.init_method))
+  return nn.get_partition_spec(boxed)['params']

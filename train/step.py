@@ -1,0 +1,53 @@
+"""The jit-compiled train and eval steps: pure functions of (state, batch)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from train.state import TrainState
+
+
+def cross_entropy(logits, targets, weights, label_smoothing=0.0):
+  """Weighted sums: (smoothed loss, nll, correct, weight). Computed in float32."""
+  logits = logits.astype(jnp.float32)
+  vocab = logits.shape[-1]
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  if label_smoothing > 0:
+    soft = optax.smooth_labels(jax.nn.one_hot(targets, vocab), label_smoothing)
+    loss = optax.softmax_cross_entropy(logits, soft)
+  else:
+    loss = nll
+  correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+  return ((loss * weights).sum(), (nll * weights).sum(), (correct * weights).sum(),
+          weights.sum())
+
+
+def make_train_step(model, task, tx, *, label_smoothing: float, learning_rate_fn, accumulate=1):
+  def loss_fn(params, batch, rng):
+    logits, targets, weights = task.forward(model, params, batch, deterministic=False,
+                                            rngs={'dropout': rng})
+    loss, nll, correct, total = cross_entropy(logits, targets, weights, label_smoothing)
+    total = jnp.maximum(total, 1.0)
+    return loss / total, {'nll': nll, 'correct': correct, 'weight': total}
+
+  def train_step(state: TrainState, batch):
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {'loss': loss, 'accuracy': sums['correct'] / sums['weight'],
+               'grad_norm': optax.global_norm(grads), 'tokens': sums['weight'],
+               'learning_rate': learning_rate_fn(state.step // accumulate)}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return train_step
+
+
+def make_eval_step(model, task):
+  def eval_step(params, batch):
+    logits, targets, weights = task.forward(model, params, batch)
+    _, nll, correct, total = cross_entropy(logits, targets, weights)
+    return {'nll': nll, 'correct': correct, 'weight': total}
+  return eval_step
