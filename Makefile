@@ -1,5 +1,5 @@
 # make test: venv + `pip install -e .[dev]` (again only when pyproject.toml changes), then pytest.
-# make train: venv + the runtime deps, then `python -m train $(ARGS)`.
+# make train: venv + the library and the train extras, then `python -m train $(ARGS)`.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -18,7 +18,7 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.installed: pyproject.toml | $(PY)
-	$(PY) -m pip install -e .
+	$(PY) -m pip install -e '.[train]'
 	touch $@
 
 # The dev install brings the runtime deps too, so it satisfies `make train` as well.
