@@ -4,11 +4,12 @@ from flaxformer_lite.attention import (MultiHeadAttention, attention_weights, co
                                        dot_product_attention, make_causal_mask, make_padding_mask)
 from flaxformer_lite.blocks import DecoderLayer, EncoderLayer, LayerStack
 from flaxformer_lite.config import PRESETS, TransformerConfig
-from flaxformer_lite.decoding import generate, sample_logits
+from flaxformer_lite.decoding import beam_search, generate, sample_logits
 from flaxformer_lite.models import GPT, BertEncoder, Transformer
 
 __all__ = [
     'BertEncoder', 'DecoderLayer', 'EncoderLayer', 'GPT', 'LayerStack', 'MultiHeadAttention',
-    'PRESETS', 'Transformer', 'TransformerConfig', 'attention_weights', 'combine_masks',
-    'dot_product_attention', 'generate', 'make_causal_mask', 'make_padding_mask', 'sample_logits',
+    'PRESETS', 'Transformer', 'TransformerConfig', 'attention_weights', 'beam_search',
+    'combine_masks', 'dot_product_attention', 'generate', 'make_causal_mask', 'make_padding_mask',
+    'sample_logits',
 ]

@@ -50,8 +50,12 @@ def _init_decoder(model, src, tgt, decode):
   return model.decode(model.encode(src), src, tgt, decode=decode)
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'max_new_tokens', 'greedy', 'top_k'))
-def _generate(model, params, inputs, rng, temperature, top_p, *, max_new_tokens, greedy, top_k):
+def _prefill(model, params, inputs, max_new_tokens):
+  """Runs the prompt (GPT) or BOS (Transformer) through the decoder.
+
+  Returns `step(cache, tokens [B, T]) -> (logits [B, T, V], cache)`, the cache after the prompt
+  and the logits that predict each row's first new token `[B, V]`.
+  """
   cfg = model.config
   batch = inputs.shape[0]
   if isinstance(model, Transformer):
@@ -76,6 +80,17 @@ def _generate(model, params, inputs, rng, temperature, top_p, *, max_new_tokens,
                                     mutable=['cache'])
       return logits, mutated['cache']
 
+  logits, cache = step(cache, prompt)
+  last = (prompt != cfg.pad_id).sum(axis=1) - 1
+  return step, cache, logits[jnp.arange(batch), last]
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'max_new_tokens', 'greedy', 'top_k'))
+def _generate(model, params, inputs, rng, temperature, top_p, *, max_new_tokens, greedy, top_k):
+  cfg = model.config
+  batch = inputs.shape[0]
+  step, cache, first_logits = _prefill(model, params, inputs, max_new_tokens)
+
   def draw(logits, rng):
     # pad_id marks finished rows in the output, so it is never sampled.
     logits = logits.at[:, cfg.pad_id].set(-jnp.inf)
@@ -83,10 +98,8 @@ def _generate(model, params, inputs, rng, temperature, top_p, *, max_new_tokens,
       return sample_logits(logits, rng)
     return sample_logits(logits, rng, temperature=temperature, top_k=top_k, top_p=top_p)
 
-  logits, cache = step(cache, prompt)
-  last = (prompt != cfg.pad_id).sum(axis=1) - 1
   rng, first_rng = jax.random.split(rng)
-  token = draw(logits[jnp.arange(batch), last], first_rng)
+  token = draw(first_logits, first_rng)
   out = jnp.full((batch, max_new_tokens), cfg.pad_id, jnp.int32).at[:, 0].set(token)
   done = token == cfg.eos_id
 
@@ -107,6 +120,28 @@ def _generate(model, params, inputs, rng, temperature, top_p, *, max_new_tokens,
   return jax.lax.while_loop(cond, body, state)[3]
 
 
+def _check_request(name, model, inputs, max_new_tokens) -> jax.Array:
+  """Host-side checks before anything is compiled; returns inputs as an int32 array."""
+  if not isinstance(model, (GPT, Transformer)):
+    raise ValueError(f'{name} needs a GPT or a Transformer, got {type(model).__name__}')
+  cfg = model.config
+  inputs = jnp.asarray(inputs)
+  check_tokens(inputs, cfg, 'inputs')
+  if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    raise ValueError(f'max_new_tokens={max_new_tokens!r} must be a positive integer')
+  lengths = np.asarray((inputs != cfg.pad_id).sum(axis=1))
+  if (lengths == 0).any():
+    raise ValueError(f'inputs row {int(np.argmin(lengths))} is all padding (pad_id={cfg.pad_id})')
+  prompt = inputs.shape[1] if isinstance(model, GPT) else 0
+  # The last new token is only emitted, never fed back, so it needs no position of its own;
+  # the Transformer's decoder input starts with BOS.
+  needed = prompt + max_new_tokens - 1 if prompt else max_new_tokens
+  if needed > cfg.max_len:
+    raise ValueError(f'{prompt} prompt tokens + max_new_tokens={max_new_tokens} exceed '
+                     f'max_len={cfg.max_len}')
+  return inputs.astype(jnp.int32)
+
+
 def generate(model, variables, inputs, *, max_new_tokens, temperature=0.0, top_k=None,
              top_p=None, rng=None):
   """Generates up to `max_new_tokens` tokens per row, in one compiled loop.
@@ -124,13 +159,8 @@ def generate(model, variables, inputs, *, max_new_tokens, temperature=0.0, top_k
     `[B, max_new_tokens]` int32, the new tokens only; after a row emits `eos_id` the rest of the
     row is `pad_id`.
   """
-  if not isinstance(model, (GPT, Transformer)):
-    raise ValueError(f'generate needs a GPT or a Transformer, got {type(model).__name__}')
+  inputs = _check_request('generate', model, inputs, max_new_tokens)
   cfg = model.config
-  inputs = jnp.asarray(inputs)
-  check_tokens(inputs, cfg, 'inputs')
-  if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-    raise ValueError(f'max_new_tokens={max_new_tokens!r} must be a positive integer')
   if temperature < 0:
     raise ValueError(f'temperature={temperature} must be >= 0 (0 is greedy)')
   if top_k is not None and not 0 < top_k <= cfg.vocab_size:
@@ -140,18 +170,101 @@ def generate(model, variables, inputs, *, max_new_tokens, temperature=0.0, top_k
   greedy = temperature == 0.0
   if not greedy and rng is None:
     raise ValueError(f'temperature={temperature} samples and needs rng=jax.random.key(...)')
-  lengths = np.asarray((inputs != cfg.pad_id).sum(axis=1))
-  if (lengths == 0).any():
-    raise ValueError(f'inputs row {int(np.argmin(lengths))} is all padding (pad_id={cfg.pad_id})')
-  if isinstance(model, GPT):
-    needed = inputs.shape[1] + max_new_tokens - 1
-  else:
-    needed = max_new_tokens
-  if needed > cfg.max_len:
-    raise ValueError(f'{inputs.shape[1] if isinstance(model, GPT) else 0} prompt tokens + '
-                     f'max_new_tokens={max_new_tokens} exceed max_len={cfg.max_len}')
   rng = jax.random.key(0) if rng is None else rng
-  return _generate(model, variables['params'], inputs.astype(jnp.int32), rng,
+  return _generate(model, variables['params'], inputs, rng,
                    jnp.float32(temperature if not greedy else 1.0),
                    None if top_p is None else jnp.float32(top_p),
                    max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k)
+
+
+_NEG = -1.0e9  # finite "impossible" score: keeps top_k and sums free of inf - inf
+
+
+def _gather_beams(cache, beams, batch, beam_size):
+  """Reorders every cache row `[B * W, ...]` by `beams [B, W]` (the parent of each new beam).
+
+  Under `scan_layers` the cache under 'layers' carries a leading layer axis, so its batch axis
+  is the second one.
+  """
+  def gather(path, x):
+    if x.ndim == 0:
+      return x
+    axis = 1 if any(getattr(p, 'key', None) == 'layers' for p in path) else 0
+    x = jnp.moveaxis(x, axis, 0)
+    x = x.reshape((batch, beam_size) + x.shape[1:])
+    x = jnp.take_along_axis(x, beams.reshape(beams.shape + (1,) * (x.ndim - 2)), axis=1)
+    return jnp.moveaxis(x.reshape((batch * beam_size,) + x.shape[2:]), 0, axis)
+  return jax.tree_util.tree_map_with_path(gather, cache)
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'beam_size', 'max_new_tokens'))
+def _beam_search(model, params, inputs, length_penalty, *, beam_size, max_new_tokens):
+  cfg = model.config
+  batch, vocab = inputs.shape[0], cfg.vocab_size
+  flat = jnp.repeat(inputs, beam_size, axis=0)  # row b * W + w is beam w of example b
+  step, cache, logits = _prefill(model, params, flat, max_new_tokens)
+
+  def normalized(logp, length):
+    return logp / length.astype(jnp.float32) ** length_penalty
+
+  def body(state):
+    i, cache, logits, seqs, logp, done_seqs, done_scores = state
+    token_logp = jax.nn.log_softmax(logits.at[:, cfg.pad_id].set(-jnp.inf))
+    scores = (logp[:, :, None] + token_logp.reshape(batch, beam_size, vocab))
+    # 2W candidates always leave W that do not end here, whatever ends.
+    cand_logp, cand = jax.lax.top_k(scores.reshape(batch, -1), 2 * beam_size)
+    parent, token = cand // vocab, (cand % vocab).astype(jnp.int32)
+    cand_seqs = jnp.take_along_axis(seqs, parent[:, :, None], axis=1).at[:, :, i].set(token)
+    ends = token == cfg.eos_id
+    # Finished pool: the best W of the old pool and the candidates that end now.
+    pool_scores = jnp.concatenate(
+        [done_scores, jnp.where(ends, normalized(cand_logp, i + 1), _NEG)], axis=1)
+    done_scores, keep = jax.lax.top_k(pool_scores, beam_size)
+    done_seqs = jnp.take_along_axis(jnp.concatenate([done_seqs, cand_seqs], axis=1),
+                                    keep[:, :, None], axis=1)
+    # Alive beams: the best W candidates that do not end.
+    logp, keep = jax.lax.top_k(jnp.where(ends, _NEG, cand_logp), beam_size)
+    seqs = jnp.take_along_axis(cand_seqs, keep[:, :, None], axis=1)
+    token = jnp.take_along_axis(token, keep, axis=1)
+    cache = _gather_beams(cache, jnp.take_along_axis(parent, keep, axis=1), batch, beam_size)
+    logits, cache = jax.lax.cond(
+        i + 1 < max_new_tokens,
+        lambda: step(cache, token.reshape(-1, 1)),
+        lambda: (logits[:, None], cache))
+    return i + 1, cache, logits[:, 0], seqs, logp, done_seqs, done_scores
+
+  def cond(state):
+    i, _, _, _, logp, _, done_scores = state
+    # The best an alive beam can still reach: its log-probability only falls, and the length
+    # normalization favours it most at the longest length when length_penalty > 0.
+    length = jnp.where(length_penalty > 0, max_new_tokens, jnp.maximum(i, 1))
+    best_alive = normalized(logp[:, 0], length)
+    return (i < max_new_tokens) & ~jnp.all(best_alive < done_scores[:, -1])
+
+  seqs = jnp.full((batch, beam_size, max_new_tokens), cfg.pad_id, jnp.int32)
+  logp = jnp.tile(jnp.array([0.0] + [_NEG] * (beam_size - 1)), (batch, 1))  # one live beam
+  state = (jnp.int32(0), cache, logits, seqs, logp, seqs, jnp.full((batch, beam_size), _NEG))
+  _, _, _, seqs, logp, done_seqs, done_scores = jax.lax.while_loop(cond, body, state)
+  # Beams still alive at the length limit compete with the finished ones.
+  scores = jnp.concatenate([done_scores, normalized(logp, jnp.int32(max_new_tokens))], axis=1)
+  every = jnp.concatenate([done_seqs, seqs], axis=1)
+  best = jnp.argmax(scores, axis=1)
+  return every[jnp.arange(batch), best]
+
+
+def beam_search(model, variables, inputs, *, beam_size, max_new_tokens, length_penalty=1.0):
+  """The highest-scoring continuation under beam search, in one compiled loop.
+
+  A finished hypothesis scores sum(log p) / length ** length_penalty, length counting the new
+  tokens including `eos_id`; hypotheses still open at `max_new_tokens` compete with the same
+  formula. The search stops early once no open beam can beat the finished ones.
+
+  Args: as `generate`; `beam_size` beams per row.
+  Returns:
+    `[B, max_new_tokens]` int32, the best hypothesis of each row, `pad_id` after its `eos_id`.
+  """
+  inputs = _check_request('beam_search', model, inputs, max_new_tokens)
+  if not isinstance(beam_size, int) or beam_size < 1:
+    raise ValueError(f'beam_size={beam_size!r} must be a positive integer')
+  return _beam_search(model, variables['params'], inputs, jnp.float32(length_penalty),
+                      beam_size=beam_size, max_new_tokens=max_new_tokens)

@@ -1,12 +1,13 @@
 """generate(): the cached, compiled loop against a naive re-run of the full forward pass."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from flaxformer_lite import GPT, Transformer, TransformerConfig
-from flaxformer_lite.decoding import _generate, generate, sample_logits
+from flaxformer_lite.decoding import _generate, beam_search, generate, sample_logits
 
 # init_std 0.5 makes random logits decisive, so float rounding cannot flip an argmax between the
 # cached loop and the naive reference.
@@ -181,3 +182,72 @@ def test_bad_inputs_raise(gpt):
     generate(model, variables, np.array([[5, 6], [0, 0]]), max_new_tokens=2)
   with pytest.raises(ValueError, match='id 99'):
     generate(model, variables, np.array([[5, 99]]), max_new_tokens=2)
+
+
+# ----------------------------------------------------------------------------------------------
+# beam search
+
+def test_beam_size_one_is_greedy_when_nothing_ends(gpt, seq2seq):
+  for model, variables in (gpt, seq2seq):
+    greedy = np.asarray(generate(model, variables, PROMPTS, max_new_tokens=6))
+    assert (greedy != model.config.eos_id).all()  # precondition: W=1 then has no other choice
+    beam = np.asarray(beam_search(model, variables, PROMPTS, beam_size=1, max_new_tokens=6))
+    np.testing.assert_array_equal(beam, greedy)
+
+
+SMALL = TransformerConfig.preset('tiny', d_model=32, num_heads=4, d_ff=64, vocab_size=6,
+                                 max_len=16, dropout_rate=0.0, init_std=0.5)
+
+
+def _brute_force_best(model, variables, prompt, n, alpha):
+  """Scores every continuation of up to n tokens (ending at EOS or at n) with the full forward
+  pass and returns the best, padded with pad_id: the exact answer beam search approximates."""
+  cfg = model.config
+  tokens = [t for t in range(cfg.vocab_size) if t != cfg.pad_id]
+  best, best_score = None, -np.inf
+  frontier = [([], 0.0)]
+  for length in range(1, n + 1):
+    grown = []
+    for seq, logp in frontier:
+      logits = _forward(model, variables, _padded(prompt + seq))[0, len(prompt) + len(seq) - 1]
+      logprobs = np.asarray(jax.nn.log_softmax(logits.at[cfg.pad_id].set(-jnp.inf)))
+      for t in tokens:
+        score = logp + float(logprobs[t])
+        if t == cfg.eos_id or length == n:
+          if score / length ** alpha > best_score:
+            best, best_score = seq + [t], score / length ** alpha
+        else:
+          grown.append((seq + [t], score))
+    frontier = grown
+  return best + [cfg.pad_id] * (n - len(best))
+
+
+@pytest.mark.parametrize('alpha', [0.0, 1.0])
+def test_wide_beam_finds_the_exact_best_sequence(alpha):
+  model = GPT(SMALL)
+  prompts = np.array([[3, 4, 5], [5, 3, 0]], np.int32)
+  variables = model.init(jax.random.key(3), jnp.asarray(prompts))
+  # 5 non-pad tokens: 25 beams keep every prefix of length 2, so the search is exhaustive.
+  out = np.asarray(beam_search(model, variables, prompts, beam_size=25, max_new_tokens=3,
+                               length_penalty=alpha))
+  for row, prompt in zip(out, prompts):
+    expected = _brute_force_best(model, variables, [int(t) for t in prompt if t], 3, alpha)
+    assert row.tolist() == expected
+
+
+def test_beam_search_seq2seq_and_scan_layers_agree():
+  cfg = SMALL.replace(scan_layers=True)
+  plain, scanned = Transformer(SMALL), Transformer(cfg)
+  src = np.array([[3, 4, 5, 4], [5, 3, 0, 0]], np.int32)
+  variables = plain.init(jax.random.key(4), jnp.asarray(src), jnp.asarray(src))
+  params = nn.unbox(variables['params'])
+  stacked = dict(params)
+  for stack in ('encoder', 'decoder'):
+    layers = [params[stack][f'layers_{i}'] for i in range(2)]
+    stacked[stack] = {k: v for k, v in params[stack].items() if not k.startswith('layers_')}
+    stacked[stack]['layers'] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+  a = beam_search(plain, variables, src, beam_size=4, max_new_tokens=5)
+  b = beam_search(scanned, {'params': stacked}, src, beam_size=4, max_new_tokens=5)
+  np.testing.assert_array_equal(a, b)
+  with pytest.raises(ValueError, match='beam_size=0'):
+    beam_search(plain, variables, src, beam_size=0, max_new_tokens=5)
