@@ -12,30 +12,53 @@ import numpy as np
 from flaxformer_lite.config import TransformerConfig
 
 
-def kernel_init(cfg: TransformerConfig):
+def kernel_init(cfg: TransformerConfig, n_in: int = 1, n_out: int = 1):
+  """Xavier uniform over the kernel seen as an [inputs, outputs] matrix (the paper, PyTorch's
+  Linear), or normal(init_std) (GPT-2, BERT)."""
   if cfg.init_std is None:
-    return nn.initializers.xavier_uniform()
+    return nn.initializers.variance_scaling(1.0, 'fan_avg', 'uniform',
+                                            in_axis=tuple(range(n_in)),
+                                            out_axis=tuple(range(n_in, n_in + n_out)))
   return nn.initializers.normal(cfg.init_std)
 
 
-def dense_general(cfg: TransformerConfig, features, kernel_axes, axis=-1, *, use_bias=None,
-                  name=None) -> nn.DenseGeneral:
-  """A DenseGeneral whose kernel and bias carry logical axis names.
+class DenseGeneral(nn.Module):
+  """x contracted over `axis` with a kernel `[*x.shape[axis], *features]`, plus a bias.
 
-  DenseGeneral initializes the kernel flattened to [inputs, outputs], so Xavier's fans are those
-  of the equivalent PyTorch Linear.
+  Unlike `nn.DenseGeneral` the kernel is created in its final shape, so its logical axis names
+  (`kernel_axes`, one per kernel dimension) apply as-is, also at init under a mesh.
   """
+  config: TransformerConfig
+  features: tuple[int, ...]
+  kernel_axes: tuple[str | None, ...]
+  axis: tuple[int, ...] = (-1,)
+  use_bias: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.config
+    axis = tuple(a % x.ndim for a in self.axis)
+    shape = tuple(x.shape[a] for a in axis) + self.features
+    init = kernel_init(cfg, len(axis), len(self.features))
+    kernel = self.param('kernel', nn.with_logical_partitioning(init, self.kernel_axes), shape,
+                        cfg.param_dtype)
+    x, kernel = x.astype(cfg.dtype), jnp.asarray(kernel, cfg.dtype)
+    y = jax.lax.dot_general(x, kernel, ((axis, tuple(range(len(axis)))), ((), ())))
+    if self.use_bias:
+      bias = self.param('bias', nn.with_logical_partitioning(
+          nn.initializers.zeros_init(), self.kernel_axes[len(axis):]), self.features,
+                        cfg.param_dtype)
+      y = y + jnp.asarray(bias, cfg.dtype)
+    return y
+
+
+def dense_general(cfg: TransformerConfig, features, kernel_axes, axis=-1, *, use_bias=None,
+                  name=None) -> DenseGeneral:
+  """DenseGeneral with the config's dtypes and bias setting; `features` an int or a tuple."""
   features = features if isinstance(features, tuple) else (features,)
-  n_in = 1 if isinstance(axis, int) else len(axis)
-  init = kernel_init(cfg)
+  axis = axis if isinstance(axis, tuple) else (axis,)
   use_bias = cfg.use_bias if use_bias is None else use_bias
-  return nn.DenseGeneral(
-      features=features, axis=axis, use_bias=use_bias, dtype=cfg.dtype,
-      param_dtype=cfg.param_dtype,
-      kernel_init=nn.with_logical_partitioning(init, kernel_axes),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(),
-                                             kernel_axes[n_in:]),
-      name=name)
+  return DenseGeneral(cfg, features, tuple(kernel_axes), axis, use_bias, name=name)
 
 
 def sinusoidal_table(max_len: int, d_model: int) -> np.ndarray:
