@@ -2,13 +2,29 @@
 
 import sys
 
-from train import loop
-from train.config import from_args
+import jax
+
+
+def init_distributed(coordinator=None, num_processes=None, process_id=None, distributed=False):
+  """Joins the other processes before any computation, when asked to."""
+  if coordinator or num_processes or process_id is not None:
+    if not (coordinator and num_processes and process_id is not None):
+      raise ValueError('multi-host needs all of --coordinator HOST:PORT, --num-processes N and '
+                       '--process-id I')
+    if not 0 <= process_id < num_processes:
+      raise ValueError(f'--process-id {process_id} is not in [0, {num_processes})')
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                               process_id=process_id)
+  elif distributed:
+    jax.distributed.initialize()
 
 
 def main(argv=None) -> int:
+  from train import loop
+  from train.config import from_args
   try:
-    run = from_args(argv)
+    run, distributed = from_args(argv)
+    init_distributed(**distributed)
     loop.run(run)
   except ValueError as e:  # bad input: data, config, devices, a mismatched checkpoint
     print(f'error: {e}', file=sys.stderr)

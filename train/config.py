@@ -43,6 +43,8 @@ class RunConfig:
   examples: int = 8
   on_bad_bytes: str = 'error'
   progress: bool = True
+  parallel: str = 'mesh'
+  mesh: str | None = None  # e.g. 'data=2,fsdp=2,tensor=2'; None: all devices on 'data'
 
   def __post_init__(self):
     if self.task not in TASK_NAMES:
@@ -58,6 +60,8 @@ class RunConfig:
       raise ValueError(f'--dtype {self.dtype!r} is not one of float32, bfloat16')
     if self.schedule not in (None, 'rsqrt', 'cosine', 'constant'):
       raise ValueError(f'--schedule {self.schedule!r} is not one of rsqrt, cosine, constant')
+    if self.parallel not in ('mesh', 'pmap'):
+      raise ValueError(f'--parallel {self.parallel!r} is not one of mesh, pmap')
     if self.on_bad_bytes not in ('error', 'replace'):
       raise ValueError(f'--on-bad-bytes {self.on_bad_bytes!r} is not one of error, replace')
     defaults = TASK_DEFAULTS[self.task]
@@ -95,8 +99,24 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument('--examples', type=int, default=8, help='example outputs printed at the end')
   p.add_argument('--on-bad-bytes', default='error', help='error (default) or replace')
   p.add_argument('--no-progress', dest='progress', action='store_false')
+  p.add_argument('--parallel', default='mesh', help='mesh (jit + shardings, default) or pmap')
+  p.add_argument('--mesh', help='mesh shape, e.g. data=8 or data=2,fsdp=2,tensor=2 '
+                 '(-1 takes the remaining devices; default: every device on data)')
+  g = p.add_argument_group('multi-host (one process per host; every process runs the same '
+                           'command)')
+  g.add_argument('--coordinator', help='HOST:PORT of process 0')
+  g.add_argument('--num-processes', type=int)
+  g.add_argument('--process-id', type=int)
+  g.add_argument('--distributed', action='store_true', help='jax.distributed.initialize() '
+                 'from the cluster environment (SLURM, TPU pods, ...)')
   return p
 
 
-def from_args(argv=None) -> RunConfig:
-  return RunConfig(**vars(parser().parse_args(argv)))
+DISTRIBUTED_ARGS = ('coordinator', 'num_processes', 'process_id', 'distributed')
+
+
+def from_args(argv=None) -> tuple[RunConfig, dict]:
+  """(run config, multi-host arguments)."""
+  args = vars(parser().parse_args(argv))
+  distributed = {k: args.pop(k) for k in DISTRIBUTED_ARGS}
+  return RunConfig(**args), distributed

@@ -169,9 +169,18 @@ def read_pairs(path: str, on_bad_bytes: str = 'error') -> list[tuple[str, str]]:
 # ----------------------------------------------------------------------------------------------
 # batches
 
-def batched(examples: grain.MapDataset, batch_size: int) -> grain.MapDataset:
-  """Batches of `batch_size`; `dataset[s]` is the batch of step s."""
-  return examples.batch(batch_size, drop_remainder=True)
+def batched(examples: grain.MapDataset, global_batch: int, process_index: int = 0,
+            process_count: int = 1) -> grain.MapDataset:
+  """This process's share of each global batch; `dataset[s]` belongs to step s.
+
+  Row r of global batch s is example s * global_batch + r; process p reads only its rows
+  [p * b, (p + 1) * b) with b = global_batch / process_count, so no host reads the whole batch.
+  """
+  b = global_batch // process_count
+  steps = len(examples) // global_batch
+  local = grain.MapDataset.range(steps * b).map(
+      lambda j: examples[(j // b) * global_batch + process_index * b + j % b])
+  return local.batch(b, drop_remainder=True)
 
 
 def prefetch(dataset: grain.MapDataset, start: int):

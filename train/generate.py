@@ -39,7 +39,9 @@ def load(workdir: str):
     raise ValueError(f'--workdir {workdir}: no config.json; is this a training run\'s workdir?')
   with open(path) as f:
     meta = json.load(f)
-  run = RunConfig(**{**meta['run'], 'workdir': workdir})
+  # Decoding runs on this machine's devices, whatever layout the training used.
+  run = RunConfig(**{**meta['run'], 'workdir': workdir, 'parallel': 'mesh', 'mesh': None,
+                     'batch_size': jax.device_count()})
   setup = loop.build(run)
   ckpts = checkpoint.Checkpoints(os.path.join(workdir, 'checkpoints'))
   try:

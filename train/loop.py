@@ -62,7 +62,7 @@ class Setup:
   model: object
   tx: object
   learning_rate: object
-  mesh: object
+  layout: parallel.Layout
   abstract_state: object
   shardings: object
 
@@ -84,29 +84,38 @@ def build(run: RunConfig) -> Setup:
                                  run.warmup, updates)
   tx = optim.make_optimizer(learning_rate=learning_rate, weight_decay=run.weight_decay,
                             clip_norm=run.clip_norm, accumulate=run.accumulate)
-  mesh = parallel.make_mesh(run.batch_size)
-  create = functools.partial(state_lib.create, model, task, tx, run.seed,
-                             task.dummy_batch(run.batch_size))
-  abstract_state = jax.eval_shape(create)
-  shardings = parallel.state_shardings(mesh, abstract_state)
-  return Setup(run, task, model, tx, learning_rate, mesh, abstract_state, shardings)
+  layout = parallel.make_layout(run.parallel, run.mesh, run.batch_size)
+  dummy = task.dummy_batch(run.batch_size)
+  abstract_state = jax.eval_shape(
+      functools.partial(state_lib.create, model, task, tx, run.seed, dummy))
+  boxed = state_lib.abstract_boxed_params(model, task, run.seed, dummy)
+  shardings = parallel.state_shardings(layout, tx, abstract_state, boxed)
+  return Setup(run, task, model, tx, learning_rate, layout, abstract_state, shardings)
 
 
 def restore_or_create(setup: Setup, ckpts: checkpoint.Checkpoints):
+  """The newest checkpoint, restored straight into the layout's shardings, or a new state.
+
+  A checkpoint saved under another mesh (or device count) restores under this one.
+  """
   latest = ckpts.latest_step()
   if latest is None:
     create = functools.partial(state_lib.create, setup.model, setup.task, setup.tx,
                                setup.run.seed, setup.task.dummy_batch(setup.run.batch_size))
-    return jax.jit(create, out_shardings=setup.shardings)()
-  ckpts.check(latest, setup.run.task, setup.model_config.to_dict())
-  state, _ = ckpts.restore(latest, checkpoint.abstract(setup.abstract_state, setup.shardings))
+    with setup.layout.context():
+      state = jax.jit(create, out_shardings=setup.shardings)()
+  else:
+    ckpts.check(latest, setup.run.task, setup.model_config.to_dict())
+    state, _ = ckpts.restore(latest, checkpoint.abstract(setup.abstract_state, setup.shardings))
+  if setup.layout.kind == 'pmap':
+    state = parallel.put_state(state, setup.layout, setup.shardings)
   return state
 
 
 def evaluate(setup: Setup, eval_step, params, batches) -> dict:
   sums = None
   for batch in batches:
-    out = eval_step(params, parallel.put_batch(batch, setup.mesh))
+    out = eval_step(params, parallel.put_batch(batch, setup.layout))
     sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
   sums = jax.device_get(sums)
   weight = max(float(sums['weight']), 1.0)
@@ -124,7 +133,7 @@ def run(run: RunConfig) -> dict:
   ckpts = checkpoint.Checkpoints(os.path.join(run.workdir, 'checkpoints'), run.keep_checkpoints)
   try:
     state = restore_or_create(setup, ckpts)
-    start = int(state.step)
+    start = int(parallel.unreplicate(state, setup.layout).step)
     meta = {'task': run.task, 'run': dataclasses.asdict(run),
             'model_config': setup.model_config.to_dict()}
     if is_main:
@@ -139,12 +148,17 @@ def run(run: RunConfig) -> dict:
 
 def _train(setup: Setup, state, start: int, ckpts, log: MetricsLog, meta: dict) -> dict:
   run, task, model = setup.run, setup.task, setup.model
+  layout = setup.layout
   train_step = make_train_step(model, task, setup.tx, label_smoothing=run.label_smoothing,
-                               learning_rate_fn=setup.learning_rate, accumulate=run.accumulate)
+                               learning_rate_fn=setup.learning_rate, accumulate=run.accumulate,
+                               axis_name='data' if layout.kind == 'pmap' else None)
   train_step, eval_step = parallel.compile_steps(train_step, make_eval_step(model, task),
-                                                 setup.mesh, setup.shardings)
-  eval_batches = task.eval_batches(run.batch_size)
-  batches = data.prefetch(data.batched(task.train_examples(), run.batch_size), start)
+                                                 layout, setup.shardings)
+  rows = slice(jax.process_index() * layout.process_batch,
+               (jax.process_index() + 1) * layout.process_batch)
+  eval_batches = [{k: v[rows] for k, v in b.items()} for b in task.eval_batches(run.batch_size)]
+  batches = data.prefetch(data.batched(task.train_examples(), run.batch_size,
+                                       jax.process_index(), jax.process_count()), start)
   is_main = jax.process_index() == 0
   if start:
     print(f'resuming from step {start}')
@@ -153,11 +167,12 @@ def _train(setup: Setup, state, start: int, ckpts, log: MetricsLog, meta: dict) 
   stopped = None
   with StopRequested() as stop:
     for step in range(start, run.steps):
-      state, metrics = train_step(state, parallel.put_batch(next(batches), setup.mesh))
+      with layout.context():
+        state, metrics = train_step(state, parallel.put_batch(next(batches), layout))
       tokens += run.batch_size * run.seq_len  # an upper bound replaced below at log time
       done = step + 1
       if done % run.log_every == 0 or done == run.steps:
-        m = jax.device_get(metrics)  # the one host sync per log window
+        m = jax.device_get(parallel.unreplicate(metrics, layout))  # one host sync per window
         elapsed = time.perf_counter() - window_start
         steps_in_window = done - max(start, done - run.log_every)
         tps = float(m['tokens']) * steps_in_window / max(elapsed, 1e-9)
@@ -167,11 +182,14 @@ def _train(setup: Setup, state, start: int, ckpts, log: MetricsLog, meta: dict) 
         tokens, window_start = 0.0, time.perf_counter()
       bar.update(1)
       if done % run.eval_every == 0 or done == run.steps:
-        result = evaluate(setup, eval_step, state.params, eval_batches)
-        extra, _ = task.examples(model, state.params, 0) if isinstance(task, Seq2SeqTask) else ({}, [])
+        with layout.context():
+          result = evaluate(setup, eval_step, state.params, eval_batches)
+          extra = {}
+          if isinstance(task, Seq2SeqTask):
+            extra, _ = task.examples(model, parallel.unreplicate(state, layout).params, 0)
         log.write(done, 'eval', **result, **extra)
       if stop.signal or done % run.checkpoint_every == 0 or done == run.steps:
-        ckpts.save(done, state, meta)
+        ckpts.save(done, parallel.unreplicate(state, layout), meta)
       if stop.signal:
         stopped = (stop.signal, done)
         break
@@ -181,17 +199,25 @@ def _train(setup: Setup, state, start: int, ckpts, log: MetricsLog, meta: dict) 
     print(f'{stopped[0]}: saved a checkpoint at step {stopped[1]}; rerun the same command to '
           'resume')
     raise SystemExit(0)
-  result = evaluate(setup, eval_step, state.params, eval_batches)
-  extra, lines = task.examples(model, state.params, run.examples)
-  result.update(extra)
-  if is_main:
-    _report(setup, state, result, lines)
+  with layout.context():
+    result = evaluate(setup, eval_step, state.params, eval_batches)
+  state = parallel.unreplicate(state, layout)
+  with layout.context():
+    extra, lines = task.examples(model, state.params, run.examples)
+    result.update(extra)
+    _report(setup, state, result, lines, is_main)
   log.close()
   return result
 
 
-def _report(setup: Setup, state, result: dict, lines: list[str]) -> None:
+def _report(setup: Setup, state, result: dict, lines: list[str], is_main: bool) -> None:
+  """Prints the final figures and examples, draws attention.png (process 0 writes)."""
   run = setup.run
+  if isinstance(setup.task, Seq2SeqTask):
+    # Every process takes part in the computation; only the first one writes.
+    attention = setup.task.attention_example(setup.model, state.params)
+  if not is_main:
+    return
   print(f'\nfinal evaluation after {int(state.step)} steps: ' +
         ', '.join(f'{k} {v:.4f}' for k, v in result.items()))
   if lines:
@@ -199,7 +225,7 @@ def _report(setup: Setup, state, result: dict, lines: list[str]) -> None:
     for line in lines:
       print('  ' + line)
   if isinstance(setup.task, Seq2SeqTask):
-    weights, x_labels, y_labels = setup.task.attention_example(setup.model, state.params)
+    weights, x_labels, y_labels = attention
     path = viz.plot_attention(weights, x_labels, y_labels,
                               os.path.join(run.workdir, 'attention.png'),
                               title='cross-attention, last decoder layer (mean over heads)')

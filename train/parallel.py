@@ -1,46 +1,149 @@
-"""Devices: the mesh, where the batch and the state live, and the compiled steps."""
+"""Devices: meshes (data / fsdp / tensor), the pmap path, multi-host input, compiled steps.
+
+`--parallel mesh` (default) runs jit-compiled steps with explicit shardings: parameters and
+optimizer state are laid out by their logical axis names through `flaxformer_lite.sharding`'s
+rules, the batch is split over (data, fsdp). `--parallel pmap` is classic data parallelism:
+replicated state, gradients averaged with `lax.pmean`, on the local devices of one process.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from flaxformer_lite import sharding
 
 
 class ParallelError(ValueError):
   """A parallel layout that does not fit the devices or the batch."""
 
 
-def make_mesh(batch_size: int) -> Mesh:
-  """A data-parallel mesh over every device; the batch is split along 'data'."""
+def parse_mesh(text: str | None) -> dict[str, int]:
+  """'data=2,fsdp=2,tensor=2' -> {'data': 2, 'fsdp': 2, 'tensor': 2}; None -> {'data': -1}."""
+  if not text:
+    return {'data': -1}
+  shape = {}
+  for part in text.split(','):
+    name, _, size = part.partition('=')
+    name = name.strip()
+    if name not in sharding.MESH_AXES or not size.strip().lstrip('-').isdigit():
+      raise ParallelError(f'--mesh {text!r}: expected comma-separated AXIS=SIZE with AXIS in '
+                          f'{", ".join(sharding.MESH_AXES)} and SIZE an integer or -1')
+    shape[name] = int(size)
+  return shape
+
+
+@dataclasses.dataclass
+class Layout:
+  """Where state and batches live, and how steps are compiled for them."""
+  kind: str  # 'mesh' | 'pmap'
+  mesh: Mesh
+  global_batch: int
+
+  @property
+  def process_batch(self) -> int:
+    """Rows of each global batch that this process loads."""
+    return self.global_batch // jax.process_count()
+
+  def context(self):
+    """Active while tracing: logical constraints inside the model resolve against this mesh."""
+    if self.kind == 'pmap':
+      return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.set_mesh(self.mesh))
+    stack.enter_context(nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES))
+    return stack
+
+
+def make_layout(kind: str, mesh_text: str | None, global_batch: int) -> Layout:
+  if kind not in ('mesh', 'pmap'):
+    raise ParallelError(f'--parallel {kind!r} is not one of mesh, pmap')
   devices = jax.devices()
-  if batch_size % len(devices):
-    raise ParallelError(f'--batch-size {batch_size} is not divisible by the device count '
+  if global_batch % len(devices):
+    raise ParallelError(f'--batch-size {global_batch} is not divisible by the device count '
                         f'{len(devices)}')
-  return Mesh(np.array(devices), ('data',))
+  if kind == 'pmap':
+    if jax.process_count() > 1:
+      raise ParallelError('--parallel pmap runs in one process; use --parallel mesh on '
+                          'several hosts')
+    if mesh_text:
+      raise ParallelError('--mesh applies to --parallel mesh only')
+    return Layout('pmap', Mesh(np.array(jax.local_devices()), ('data',)), global_batch)
+  try:
+    mesh = sharding.make_mesh(parse_mesh(mesh_text), devices)
+  except ValueError as e:
+    raise ParallelError(f'--mesh {mesh_text}: {e}') from None
+  split = mesh.shape['data'] * mesh.shape['fsdp']
+  if global_batch % split:
+    raise ParallelError(f'--batch-size {global_batch} is not divisible by data x fsdp = {split}')
+  return Layout('mesh', mesh, global_batch)
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P('data'))
+def state_shardings(layout: Layout, tx, abstract_state, boxed_params):
+  """NamedShardings for every leaf of the train state.
+
+  Parameters follow their logical axis names; the optimizer's copies of them (Adam's moments)
+  follow the parameters; everything else (step, rng, counters) is replicated.
+  """
+  replicated = NamedSharding(layout.mesh, P())
+  if layout.kind == 'pmap':
+    return jax.tree.map(lambda _: replicated, abstract_state)
+  params = sharding.mesh_shardings(boxed_params, layout.mesh)
+  opt_state = optax.tree_map_params(tx, lambda _, s: s, abstract_state.opt_state, params,
+                                    transform_non_params=lambda _: replicated)
+  return abstract_state.replace(step=replicated, params=params, opt_state=opt_state,
+                                rng=replicated)
 
 
-def replicated(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P())
+def batch_sharding(layout: Layout) -> NamedSharding:
+  if layout.kind == 'pmap':
+    return NamedSharding(layout.mesh, P('data'))
+  return NamedSharding(layout.mesh, P(('data', 'fsdp')))
 
 
-def state_shardings(mesh: Mesh, abstract_state):
-  return jax.tree.map(lambda _: replicated(mesh), abstract_state)
+def put_batch(batch: dict, layout: Layout) -> dict:
+  """This process's rows -> global arrays split over the batch axes (or [devices, ...] for pmap)."""
+  if layout.kind == 'pmap':
+    n = len(layout.mesh.devices.flat)
+    batch = {k: v.reshape((n, -1) + v.shape[1:]) for k, v in batch.items()}
+  sharding_ = batch_sharding(layout)
+  return {k: jax.make_array_from_process_local_data(sharding_, np.asarray(v))
+          for k, v in batch.items()}
 
 
-def put_batch(batch: dict, mesh: Mesh) -> dict:
-  return jax.device_put(batch, batch_sharding(mesh))
+def put_state(state, layout: Layout, shardings):
+  """Places a (host or device) state as `shardings` say; pmap gets one copy per device."""
+  if layout.kind == 'pmap':
+    n = len(layout.mesh.devices.flat)
+    state = jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + x.shape), state)
+    return jax.device_put(state, NamedSharding(layout.mesh, P('data')))
+  return jax.device_put(state, shardings)
 
 
-def compile_steps(train_step, eval_step, mesh: Mesh, shardings):
-  """jit with explicit shardings; the train step donates the old state's buffers."""
-  data = batch_sharding(mesh)
+def unreplicate(state, layout: Layout):
+  """The state as one logical copy (what checkpoints hold)."""
+  if layout.kind == 'pmap':
+    return jax.tree.map(lambda x: x[0], state)
+  return state
+
+
+def compile_steps(train_step, eval_step, layout: Layout, shardings):
+  """Compiled (train, eval). The train step donates the old state's buffers."""
+  if layout.kind == 'pmap':
+    train = jax.pmap(train_step, axis_name='data', donate_argnums=0)
+    evaluate = jax.pmap(lambda params, batch: jax.lax.psum(eval_step(params, batch), 'data'),
+                        axis_name='data')
+    return train, lambda params, batch: jax.tree.map(lambda x: x[0], evaluate(params, batch))
+  data = batch_sharding(layout)
+  replicated = NamedSharding(layout.mesh, P())
   train = jax.jit(train_step, in_shardings=(shardings, data),
-                  out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
-  evaluate = jax.jit(eval_step, in_shardings=(shardings.params, data),
-                     out_shardings=replicated(mesh))
+                  out_shardings=(shardings, replicated), donate_argnums=0)
+  evaluate = jax.jit(eval_step, in_shardings=(shardings.params, data), out_shardings=replicated)
   return train, evaluate

@@ -27,8 +27,8 @@ def create(model, task, tx, seed: int, batch) -> TrainState:
                     rng=jax.random.key_data(dropout_rng))
 
 
-def logical_specs(model, task, seed: int, batch):
-  """The params' logical axis names (a PartitionSpec of logical names per leaf)."""
+def abstract_boxed_params(model, task, seed: int, batch):
+  """Parameter shapes still wrapped in their logical-axis metadata (nothing is allocated)."""
   boxed = jax.eval_shape(lambda: model.init(jax.random.key(seed), *task.init_args(batch),
                                             method=task.init_method))
-  return nn.get_partition_spec(boxed)['params']
+  return boxed['params']

@@ -24,20 +24,31 @@ def cross_entropy(logits, targets, weights, label_smoothing=0.0):
           weights.sum())
 
 
-def make_train_step(model, task, tx, *, label_smoothing: float, learning_rate_fn, accumulate=1):
+def make_train_step(model, task, tx, *, label_smoothing: float, learning_rate_fn, accumulate=1,
+                    axis_name=None):
+  """(state, batch) -> (state, metrics). `axis_name`: the pmap axis to reduce over.
+
+  The loss is normalized by the number of target tokens in the whole global batch, so one
+  device, a mesh and pmap all take the same step.
+  """
   def loss_fn(params, batch, rng):
     logits, targets, weights = task.forward(model, params, batch, deterministic=False,
                                             rngs={'dropout': rng})
     loss, nll, correct, total = cross_entropy(logits, targets, weights, label_smoothing)
-    total = jnp.maximum(total, 1.0)
-    return loss / total, {'nll': nll, 'correct': correct, 'weight': total}
+    return loss, {'loss': loss, 'nll': nll, 'correct': correct, 'weight': total}
 
   def train_step(state: TrainState, batch):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
+    if axis_name is not None:
+      rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+    grads, sums = jax.grad(loss_fn, has_aux=True)(state.params, batch, rng)
+    if axis_name is not None:
+      grads, sums = jax.lax.psum((grads, sums), axis_name)
+    total = jnp.maximum(sums['weight'], 1.0)
+    grads = jax.tree.map(lambda g: g / total, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {'loss': loss, 'accuracy': sums['correct'] / sums['weight'],
+    metrics = {'loss': sums['loss'] / total, 'accuracy': sums['correct'] / total,
                'grad_norm': optax.global_norm(grads), 'tokens': sums['weight'],
                'learning_rate': learning_rate_fn(state.step // accumulate)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
