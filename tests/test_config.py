@@ -90,12 +90,13 @@ def test_to_dict_from_dict_round_trip(name):
 
 
 def test_round_tripped_config_hashes_like_the_original():
-  # Equal objects must have equal hashes; jit's static-argument cache relies on it, so a config
-  # reloaded from config.json would otherwise recompile everything it is passed to.
+  # Equal objects must have equal hashes (Python's data model): otherwise a config reloaded from
+  # config.json misses every dict, set or functools.cache keyed by the original config.
   cfg = TransformerConfig.preset('tiny')
   restored = TransformerConfig.from_dict(cfg.to_dict())
   assert restored == cfg
   assert hash(restored) == hash(cfg)
+  assert {cfg: 'found'}.get(restored) == 'found'
 
 
 def test_from_dict_rejects_unknown_fields():
