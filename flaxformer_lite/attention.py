@@ -146,7 +146,8 @@ class MultiHeadAttention(nn.Module):
 
   Decoding (`decode=True`, self-attention only) keeps `cached_key/cached_value [B, L, K, H]` in the
   'cache' collection, L being the length of the input used at `init`. Each example writes its
-  new keys at its own `positions [B, T]` and attends to cached keys at positions <= its query's.
+  new keys at its own `positions [B, T]` (-1: a pad token, not written, attends to nothing) and
+  attends to cached keys at positions <= its query's.
   """
   config: TransformerConfig
 
@@ -208,9 +209,11 @@ class MultiHeadAttention(nn.Module):
     if positions is None:
       raise ValueError('decode=True needs per-example positions [batch, length]')
     batch = jnp.arange(key.shape[0])[:, None]
-    # Positions past the cache's end are dropped by the scatter (rows that are already finished).
-    cached_key.value = cached_key.value.at[batch, positions].set(key, mode='drop')
-    cached_value.value = cached_value.value.at[batch, positions].set(value, mode='drop')
     length = cached_key.value.shape[1]
+    # Pad tokens (position -1) and positions past the end are dropped by the scatter.
+    slots = jnp.where(positions >= 0, positions, length)
+    cached_key.value = cached_key.value.at[batch, slots].set(key, mode='drop')
+    cached_value.value = cached_value.value.at[batch, slots].set(value, mode='drop')
+    # Slots past a query's position are either future tokens or stale entries of pad tokens.
     mask = jnp.arange(length)[None, None, None, :] <= positions[:, None, :, None]  # [B, 1, T, L]
     return cached_key.value, cached_value.value, mask

@@ -59,6 +59,13 @@ class TransformerConfig:
     def fail(msg):
       raise ValueError(msg)
 
+    # One spelling per dtype, so equal configs hash equally (jnp.float32 vs dtype('float32')).
+    for name in ('dtype', 'param_dtype'):
+      try:
+        object.__setattr__(self, name, jnp.dtype(getattr(self, name)))
+      except TypeError:
+        fail(f'{name}={getattr(self, name)!r} is not a dtype')
+
     for name in ('vocab_size', 'd_model', 'num_heads', 'd_ff', 'max_len', 'type_vocab_size'):
       value = getattr(self, name)
       if not isinstance(value, int) or value <= 0:

@@ -113,7 +113,8 @@ class AddPositions(nn.Module):
           nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std or 0.02),
                                        (None, 'embed')),
           (cfg.max_len, cfg.d_model), cfg.param_dtype)
-    return x + jnp.take(table, positions, axis=0).astype(x.dtype)
+    # Pad tokens may carry position -1 while decoding; they are never attended to.
+    return x + jnp.take(table, jnp.maximum(positions, 0), axis=0).astype(x.dtype)
 
 
 class FeedForward(nn.Module):

@@ -29,25 +29,32 @@ def check_tokens(tokens, cfg: TransformerConfig, name: str = 'tokens') -> None:
       raise ValueError(f'{name} holds id {bad}, outside the vocabulary [0, {cfg.vocab_size})')
 
 
-def _arange_positions(tokens):
-  return jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+def token_positions(valid: jax.Array) -> jax.Array:
+  """Positions `[B, T]` counting non-pad tokens only, so left padding shifts nothing.
+
+  With right padding (or none) this is 0, 1, 2, ...; a pad token takes its predecessor's position
+  (it is never attended to, so its position does not matter).
+  """
+  return jnp.maximum(jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1, 0)
 
 
 class DecodePosition(nn.Module):
   """Per-example decoding position `[B]` kept in the 'cache' collection.
 
-  Each call returns the positions `[B, T]` of its tokens and advances every example by its number
-  of non-pad tokens, so right-padded prompts of different lengths continue from their own ends.
+  Each call returns the cache positions `[B, T]` of its tokens, -1 for pad tokens (which are
+  neither cached nor attended to), and advances every example by its number of non-pad tokens:
+  prompts of different lengths, padded on either side, continue from their own ends.
   """
 
   @nn.compact
   def __call__(self, valid: jax.Array) -> jax.Array:
     is_init = not self.has_variable('cache', 'position')
     position = self.variable('cache', 'position', jnp.zeros, valid.shape[:1], jnp.int32)
-    positions = jnp.arange(valid.shape[1], dtype=jnp.int32)[None, :] + position.value[:, None]
-    if not is_init:
-      position.value = position.value + valid.sum(axis=1, dtype=jnp.int32)
-    return positions
+    if is_init:  # `init(..., decode=True)` only sizes the cache
+      return jnp.broadcast_to(jnp.arange(valid.shape[1], dtype=jnp.int32), valid.shape)
+    positions = position.value[:, None] + jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1
+    position.value = position.value + valid.sum(axis=1, dtype=jnp.int32)
+    return jnp.where(valid, positions, -1)
 
 
 def _output_logits(cfg, embed, x, name='lm_head'):
@@ -81,7 +88,7 @@ class GPT(nn.Module):
       positions = DecodePosition(name='decode_position')(valid)
       mask = None  # the cache builds its own mask from the positions
     else:
-      positions = _arange_positions(tokens)
+      positions = token_positions(valid)
       mask = combine_masks(make_causal_mask(tokens.shape[1]), make_padding_mask(valid))
     embed = layers.Embed(cfg, name='embed')
     x = layers.AddPositions(cfg, name='positions')(embed(tokens), positions)
@@ -113,9 +120,10 @@ class Transformer(nn.Module):
     cfg = self.config
     check_tokens(src_tokens, cfg, 'src_tokens')
     valid = src_tokens != cfg.pad_id
-    x = self.encoder_positions(self.embed(src_tokens), _arange_positions(src_tokens))
+    positions = token_positions(valid)
+    x = self.encoder_positions(self.embed(src_tokens), positions)
     x = self.dropout(x, deterministic=deterministic)
-    return self.encoder(x, (make_padding_mask(valid), _arange_positions(src_tokens)),
+    return self.encoder(x, (make_padding_mask(valid), positions),
                         (deterministic, capture_attention))
 
   def decode(self, encoded, src_tokens, tgt_tokens, *, deterministic=True, decode=False,
@@ -133,7 +141,7 @@ class Transformer(nn.Module):
       self_mask = None
       cross_mask = src_valid[:, None, None, :]
     else:
-      positions = _arange_positions(tgt_tokens)
+      positions = token_positions(tgt_valid)
       self_mask = combine_masks(make_causal_mask(tgt_tokens.shape[1]),
                                 make_padding_mask(tgt_valid))
       cross_mask = make_padding_mask(tgt_valid, src_valid)
@@ -145,6 +153,7 @@ class Transformer(nn.Module):
 
   def __call__(self, src_tokens, tgt_tokens, *, deterministic=True, capture_attention=False):
     """src `[B, S]`, tgt (decoder input) `[B, T]` -> logits `[B, T, V]` (float32)."""
+    check_tokens(tgt_tokens, self.config, 'tgt_tokens')  # before the encoder runs
     encoded = self.encode(src_tokens, deterministic=deterministic,
                           capture_attention=capture_attention)
     return self.decode(encoded, src_tokens, tgt_tokens, deterministic=deterministic,
@@ -201,7 +210,7 @@ class BertEncoder(nn.Module):
       token_types = jnp.zeros_like(tokens)
     elif token_types.shape != tokens.shape:
       raise ValueError(f'token_types shape {token_types.shape} != tokens shape {tokens.shape}')
-    positions = _arange_positions(tokens)
+    positions = token_positions(tokens != cfg.pad_id)
     x = self.positions(self.embed(tokens), positions)
     x = x + jnp.take(jnp.asarray(self.token_types, cfg.dtype), token_types, axis=0)
     x = self.dropout(self.embed_norm(x), deterministic=deterministic)
