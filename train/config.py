@@ -43,6 +43,8 @@ class RunConfig:
   examples: int = 8
   on_bad_bytes: str = 'error'
   progress: bool = True
+  tokenizer: str = 'byte'
+  vocab_size: int = 1024
   parallel: str = 'mesh'
   mesh: str | None = None  # e.g. 'data=2,fsdp=2,tensor=2'; None: all devices on 'data'
 
@@ -60,6 +62,8 @@ class RunConfig:
       raise ValueError(f'--dtype {self.dtype!r} is not one of float32, bfloat16')
     if self.schedule not in (None, 'rsqrt', 'cosine', 'constant'):
       raise ValueError(f'--schedule {self.schedule!r} is not one of rsqrt, cosine, constant')
+    if self.tokenizer not in ('byte', 'sentencepiece'):
+      raise ValueError(f'--tokenizer {self.tokenizer!r} is not one of byte, sentencepiece')
     if self.parallel not in ('mesh', 'pmap'):
       raise ValueError(f'--parallel {self.parallel!r} is not one of mesh, pmap')
     if self.on_bad_bytes not in ('error', 'replace'):
@@ -98,6 +102,9 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument('--log-every', type=int, default=50)
   p.add_argument('--examples', type=int, default=8, help='example outputs printed at the end')
   p.add_argument('--on-bad-bytes', default='error', help='error (default) or replace')
+  p.add_argument('--tokenizer', default='byte', help='byte (default) or sentencepiece: a '
+                 'SentencePiece model trained on the training data (text, translate)')
+  p.add_argument('--vocab-size', type=int, default=1024, help='SentencePiece vocabulary size')
   p.add_argument('--no-progress', dest='progress', action='store_false')
   p.add_argument('--parallel', default='mesh', help='mesh (jit + shardings, default) or pmap')
   p.add_argument('--mesh', help='mesh shape, e.g. data=8 or data=2,fsdp=2,tensor=2 '

@@ -39,6 +39,58 @@ def decode(tokens) -> str:
   return out.decode('utf-8', errors='replace')
 
 
+class ByteTokenizer:
+  """UTF-8 bytes, shifted past the special tokens: needs no training and no download."""
+  name = 'byte'
+  vocab_size = VOCAB_SIZE
+
+  def encode(self, text: str) -> np.ndarray:
+    return encode(text)
+
+  def decode(self, tokens) -> str:
+    return decode(tokens)
+
+
+class SentencePieceTokenizer:
+  """A SentencePiece unigram model trained on the run's own training text, kept in the workdir
+  so that a resumed run and `train.generate` read the same vocabulary."""
+  name = 'sentencepiece'
+
+  def __init__(self, model_path: str):
+    import sentencepiece
+    self.processor = sentencepiece.SentencePieceProcessor(model_file=model_path)
+    # Rounded up to a multiple of 8 for the embedding's sake; the extra ids are never produced.
+    self.vocab_size = -(-self.processor.vocab_size() // 8) * 8
+
+  @classmethod
+  def train_or_load(cls, texts: list[str], model_path: str, vocab_size: int):
+    if not pathlib.Path(model_path).exists():
+      import sentencepiece
+      prefix = model_path[:-len('.model')]
+      try:
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=iter(t for text in texts for t in text.splitlines() if t.strip()),
+            model_prefix=prefix, vocab_size=vocab_size, model_type='unigram',
+            pad_id=PAD, bos_id=BOS, eos_id=EOS, unk_id=MASK, character_coverage=1.0,
+            num_threads=1, minloglevel=2)
+      except RuntimeError as e:
+        raise DataError(f'cannot train a SentencePiece model of --vocab-size {vocab_size} on '
+                        f'this data: {str(e).splitlines()[-1]}') from None
+    return cls(model_path)
+
+  def encode(self, text: str) -> np.ndarray:
+    return np.asarray(self.processor.encode(text), np.int32)
+
+  def decode(self, tokens) -> str:
+    ids = []
+    for t in np.asarray(tokens).tolist():
+      if t == EOS:
+        break
+      if t > MASK and t < self.processor.vocab_size():
+        ids.append(t)
+    return self.processor.decode(ids)
+
+
 def pad_to(tokens: np.ndarray, length: int) -> np.ndarray:
   out = np.full(length, PAD, np.int32)
   tokens = tokens[:length]
@@ -142,11 +194,11 @@ def split_documents(docs: list, every: int = 10) -> tuple[list, list]:
           [d for i, d in enumerate(docs) if i % every == every - 1] or docs[-1:])
 
 
-def token_stream(docs: list[str]) -> np.ndarray:
+def token_stream(docs: list[str], tokenizer=ByteTokenizer()) -> np.ndarray:
   """All documents as one token array, each followed by EOS."""
   parts = []
   for d in docs:
-    parts += [encode(d), np.array([EOS], np.int32)]
+    parts += [tokenizer.encode(d), np.array([EOS], np.int32)]
   return np.concatenate(parts)
 
 

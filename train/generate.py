@@ -70,9 +70,9 @@ def main(argv=None) -> int:
       texts = args.prompt or []
       if not texts:
         raise ValueError('give --prompt TEXT for a text run')
-      length = max(len(data.encode(t)) for t in texts)
+      length = max(len(task.tokenizer.encode(t)) for t in texts)
       max_new = args.max_new_tokens or 64
-    tokens = np.stack([data.pad_to(data.encode(t), length) for t in texts])
+    tokens = np.stack([data.pad_to(task.tokenizer.encode(t), length) for t in texts])
     variables = {'params': params}
     if args.beam_size:
       from flaxformer_lite import beam_search
@@ -86,8 +86,8 @@ def main(argv=None) -> int:
     print(f'error: {e}', file=sys.stderr)
     return 2
   for text, row in zip(texts, np.asarray(out)):
-    print(f'{text} -> {data.decode(row)}' if isinstance(task, Seq2SeqTask)
-          else text + data.decode(row))
+    print(f'{text} -> {task.tokenizer.decode(row)}' if isinstance(task, Seq2SeqTask)
+          else text + task.tokenizer.decode(row))
   return 0
 
 

@@ -73,7 +73,8 @@ class Setup:
 
 def build(run: RunConfig) -> Setup:
   task = TASKS[run.task](name=run.task, seed=run.seed, seq_len=run.seq_len, data_path=run.data,
-                         on_bad_bytes=run.on_bad_bytes)
+                         on_bad_bytes=run.on_bad_bytes, tokenizer_name=run.tokenizer,
+                         vocab_size=run.vocab_size, workdir=run.workdir)
   task.prepare()
   overrides = {'dtype': jnp.dtype(run.dtype)}
   if run.dropout is not None:

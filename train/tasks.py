@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 
 import grain
 import jax
@@ -18,10 +19,11 @@ def _stack(examples: list[dict]) -> dict:
   return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
 
-def seq2seq_example(src: str, tgt: str, src_len: int, tgt_len: int) -> dict:
+def seq2seq_example(src: str, tgt: str, src_len: int, tgt_len: int,
+                    tokenizer=data.ByteTokenizer()) -> dict:
   """Decoder input is the target shifted right behind BOS; the output ends with EOS."""
-  tgt_tokens = data.encode(tgt)[:tgt_len - 1]
-  return {'src': data.pad_to(data.encode(src), src_len),
+  tgt_tokens = tokenizer.encode(tgt)[:tgt_len - 1]
+  return {'src': data.pad_to(tokenizer.encode(src), src_len),
           'tgt_in': data.pad_to(np.concatenate([[BOS], tgt_tokens]), tgt_len),
           'tgt_out': data.pad_to(np.concatenate([tgt_tokens, [EOS]]), tgt_len)}
 
@@ -34,13 +36,18 @@ class Task:
   seq_len: int
   data_path: str | None = None
   on_bad_bytes: str = 'error'
+  tokenizer_name: str = 'byte'
+  vocab_size: int = 1024  # SentencePiece only
+  workdir: str = '.'
+
+  tokenizer = data.ByteTokenizer()
 
   model_cls = None
   init_method = None  # the model method whose parameters training needs
   default_schedule = 'cosine'
 
   def config(self, preset: str, **overrides) -> TransformerConfig:
-    fields = dict(vocab_size=data.VOCAB_SIZE, pad_id=PAD, bos_id=BOS, eos_id=EOS)
+    fields = dict(vocab_size=self.tokenizer.vocab_size, pad_id=PAD, bos_id=BOS, eos_id=EOS)
     cfg = TransformerConfig.preset(preset, **{**fields, **overrides})
     if cfg.max_len < self.max_positions:
       cfg = cfg.replace(max_len=self.max_positions)
@@ -52,6 +59,11 @@ class Task:
 
   def prepare(self) -> None:
     """Reads/generates the data; raises data.DataError for bad user data."""
+
+  def make_tokenizer(self, texts: list[str]) -> None:
+    if self.tokenizer_name == 'sentencepiece':
+      path = str(pathlib.Path(self.workdir).absolute() / 'tokenizer.model')
+      self.tokenizer = data.SentencePieceTokenizer.train_or_load(texts, path, self.vocab_size)
 
   def train_examples(self) -> grain.MapDataset:
     raise NotImplementedError
@@ -97,15 +109,16 @@ class Seq2SeqTask(Task):
     raise NotImplementedError
 
   def eval_batches(self, batch_size):
-    examples = [seq2seq_example(s, t, self.src_len, self.tgt_len) for s, t in self.eval_pairs()]
+    examples = [seq2seq_example(s, t, self.src_len, self.tgt_len, self.tokenizer)
+                for s, t in self.eval_pairs()]
     n = max(1, len(examples) // batch_size) * batch_size
     examples = (examples * batch_size)[:n] if len(examples) < batch_size else examples[:n]
     return [_stack(examples[i:i + batch_size]) for i in range(0, n, batch_size)]
 
   def translate(self, model, params, sources: list[str]) -> list[str]:
-    src = np.stack([data.pad_to(data.encode(s), self.src_len) for s in sources])
+    src = np.stack([data.pad_to(self.tokenizer.encode(s), self.src_len) for s in sources])
     out = generate(model, {'params': params}, src, max_new_tokens=self.tgt_len)
-    return [data.decode(row) for row in np.asarray(out)]
+    return [self.tokenizer.decode(row) for row in np.asarray(out)]
 
   def examples(self, model, params, n):
     pairs = self.eval_pairs()
@@ -122,15 +135,25 @@ class Seq2SeqTask(Task):
     from flaxformer_lite import viz
     src_text = self.eval_pairs()[0][0]
     out_text = self.translate(model, params, [src_text])[0]
-    example = seq2seq_example(src_text, out_text, self.src_len, self.tgt_len)
+    example = seq2seq_example(src_text, out_text, self.src_len, self.tgt_len, self.tokenizer)
     _, state = model.apply({'params': params}, example['src'][None], example['tgt_in'][None],
                            capture_attention=True, mutable=['intermediates'])
     maps = viz.collect_attention(state)
     cross = [k for k in maps if k.endswith('cross_attention')][-1]
     weights = np.asarray(maps[cross][0]).mean(axis=0)  # [T, S]
-    src_chars = list(src_text)[:self.src_len]
-    out_chars = (list(out_text) + ['</s>'])[:self.tgt_len]
+    src_chars = self.pieces(example['src'])
+    out_chars = self.pieces(example['tgt_out'])
     return weights[:len(out_chars), :len(src_chars)], src_chars, out_chars
+
+
+  def pieces(self, tokens) -> list[str]:
+    """The non-pad tokens as printable labels (EOS as </s>)."""
+    labels = []
+    for t in np.asarray(tokens).tolist():
+      if t == PAD:
+        break
+      labels.append('</s>' if t == EOS else self.tokenizer.decode([t]) or '?')
+    return labels
 
 
 class DatesTask(Seq2SeqTask):
@@ -140,6 +163,10 @@ class DatesTask(Seq2SeqTask):
     seed, src_len, tgt_len = self.seed, self.src_len, self.tgt_len
     return grain.MapDataset.range(2 ** 62).map(
         lambda i: seq2seq_example(*data.date_example(seed, i, 'train'), src_len, tgt_len))
+
+  def prepare(self):
+    if self.tokenizer_name != 'byte':
+      raise data.DataError('--tokenizer sentencepiece applies to --task text and translate')
 
   def eval_pairs(self):
     return [data.date_example(self.seed, i, 'eval') for i in range(1000)]
@@ -156,11 +183,12 @@ class TranslateTask(Seq2SeqTask):
     self.src_len = self.tgt_len = self.seq_len
     self._train, self._eval = data.split_documents(
         data.read_pairs(self.data_path, self.on_bad_bytes))
+    self.make_tokenizer([text for pair in self._train for text in pair])
 
   def train_examples(self):
-    pairs, src_len, tgt_len = self._train, self.src_len, self.tgt_len
+    pairs, src_len, tgt_len, tok = self._train, self.src_len, self.tgt_len, self.tokenizer
     return (grain.MapDataset.range(len(pairs)).shuffle(seed=self.seed).repeat(None)
-            .map(lambda i: seq2seq_example(*pairs[i], src_len, tgt_len)))
+            .map(lambda i: seq2seq_example(*pairs[i], src_len, tgt_len, tok)))
 
   def eval_pairs(self):
     return self._eval
@@ -173,8 +201,11 @@ class TextTask(Task):
   def prepare(self):
     train_docs, eval_docs = data.split_documents(
         data.text_documents(self.data_path, self.on_bad_bytes))
-    self._train = data.token_stream(train_docs)
-    self._eval = data.token_stream(eval_docs)
+    if self.tokenizer_name != 'byte' and isinstance(self, MLMTask):
+      raise data.DataError('--tokenizer sentencepiece applies to --task text and translate')
+    self.make_tokenizer(train_docs)
+    self._train = data.token_stream(train_docs, self.tokenizer)
+    self._eval = data.token_stream(eval_docs, self.tokenizer)
     if len(self._train) <= self.seq_len + 1:
       raise data.DataError(f'--data holds {len(self._train)} training tokens, fewer than one '
                            f'sequence of --seq-len {self.seq_len}')
@@ -203,10 +234,11 @@ class TextTask(Task):
     return logits, batch['targets'], (batch['targets'] != PAD).astype(jnp.float32)
 
   def examples(self, model, params, n):
-    prompt = data.encode('def ')[None]
-    out = generate(model, {'params': params}, prompt, max_new_tokens=min(96, self.seq_len - 4),
+    prompt = self.tokenizer.encode('def ')[None]
+    out = generate(model, {'params': params}, prompt,
+                   max_new_tokens=min(96, model.config.max_len - prompt.shape[1]),
                    temperature=0.8, top_k=40, rng=jax.random.key(self.seed))
-    return {}, ['def ' + data.decode(np.asarray(out)[0])]
+    return {}, ['def ' + self.tokenizer.decode(np.asarray(out)[0])]
 
 
 class MLMTask(TextTask):
