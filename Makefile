@@ -6,8 +6,9 @@ PY := $(VENV)/bin/python
 
 .PHONY: test train venv clean
 
+# Two workers for two cores; whole files per worker, so each compiles only its own models.
 test: $(VENV)/.installed-dev
-	$(PY) -m pytest -n 2
+	$(PY) -m pytest -n 2 --dist loadfile
 
 train: $(VENV)/.installed
 	$(PY) -m train $(ARGS)
