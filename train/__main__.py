@@ -4,15 +4,17 @@ import sys
 
 import jax
 
+from train.config import UsageError
+
 
 def init_distributed(coordinator=None, num_processes=None, process_id=None, distributed=False):
   """Joins the other processes before any computation, when asked to."""
   if coordinator or num_processes or process_id is not None:
     if not (coordinator and num_processes and process_id is not None):
-      raise ValueError('multi-host needs all of --coordinator HOST:PORT, --num-processes N and '
+      raise UsageError('multi-host needs all of --coordinator HOST:PORT, --num-processes N and '
                        '--process-id I')
     if not 0 <= process_id < num_processes:
-      raise ValueError(f'--process-id {process_id} is not in [0, {num_processes})')
+      raise UsageError(f'--process-id {process_id} is not in [0, {num_processes})')
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                process_id=process_id)
   elif distributed:
@@ -26,7 +28,7 @@ def main(argv=None) -> int:
     run, distributed = from_args(argv)
     init_distributed(**distributed)
     loop.run(run)
-  except ValueError as e:  # bad input: data, config, devices, a mismatched checkpoint
+  except UsageError as e:  # bad input: data, options, devices, a mismatched checkpoint
     print(f'error: {e}', file=sys.stderr)
     return 2
   return 0

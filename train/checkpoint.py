@@ -8,8 +8,10 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from train.config import UsageError
 
-class CheckpointMismatch(ValueError):
+
+class CheckpointMismatch(UsageError):
   """The workdir's checkpoint was made for another model or task."""
 
 

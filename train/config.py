@@ -7,6 +7,13 @@ import dataclasses
 
 from flaxformer_lite import PRESETS
 
+
+class UsageError(ValueError):
+  """Bad user input (options, data, devices, workdir): the CLI prints one line and exits 2.
+
+  Anything else is a bug and keeps its traceback.
+  """
+
 TASK_NAMES = ('dates', 'text', 'mlm', 'translate')
 # Per-task defaults chosen so `python -m train` with no arguments converges on 2 CPU cores.
 TASK_DEFAULTS = {
@@ -50,24 +57,24 @@ class RunConfig:
 
   def __post_init__(self):
     if self.task not in TASK_NAMES:
-      raise ValueError(f'--task {self.task!r} is not one of {", ".join(TASK_NAMES)}')
+      raise UsageError(f'--task {self.task!r} is not one of {", ".join(TASK_NAMES)}')
     if self.preset not in PRESETS:
-      raise ValueError(f'--preset {self.preset!r} is not one of {", ".join(sorted(PRESETS))}')
+      raise UsageError(f'--preset {self.preset!r} is not one of {", ".join(sorted(PRESETS))}')
     for name in ('steps', 'batch_size', 'seq_len', 'accumulate', 'eval_every', 'checkpoint_every',
                  'keep_checkpoints', 'log_every', 'warmup'):
       value = getattr(self, name)
       if value is not None and value < (0 if name == 'warmup' else 1):
-        raise ValueError(f'--{name.replace("_", "-")} {value} must be positive')
+        raise UsageError(f'--{name.replace("_", "-")} {value} must be positive')
     if self.dtype not in ('float32', 'bfloat16'):
-      raise ValueError(f'--dtype {self.dtype!r} is not one of float32, bfloat16')
+      raise UsageError(f'--dtype {self.dtype!r} is not one of float32, bfloat16')
     if self.schedule not in (None, 'rsqrt', 'cosine', 'constant'):
-      raise ValueError(f'--schedule {self.schedule!r} is not one of rsqrt, cosine, constant')
+      raise UsageError(f'--schedule {self.schedule!r} is not one of rsqrt, cosine, constant')
     if self.tokenizer not in ('byte', 'sentencepiece'):
-      raise ValueError(f'--tokenizer {self.tokenizer!r} is not one of byte, sentencepiece')
+      raise UsageError(f'--tokenizer {self.tokenizer!r} is not one of byte, sentencepiece')
     if self.parallel not in ('mesh', 'pmap'):
-      raise ValueError(f'--parallel {self.parallel!r} is not one of mesh, pmap')
+      raise UsageError(f'--parallel {self.parallel!r} is not one of mesh, pmap')
     if self.on_bad_bytes not in ('error', 'replace'):
-      raise ValueError(f'--on-bad-bytes {self.on_bad_bytes!r} is not one of error, replace')
+      raise UsageError(f'--on-bad-bytes {self.on_bad_bytes!r} is not one of error, replace')
     defaults = TASK_DEFAULTS[self.task]
     for name in ('steps', 'batch_size', 'learning_rate', 'warmup'):
       if getattr(self, name) is None:

@@ -14,12 +14,14 @@ import sysconfig
 import grain
 import numpy as np
 
+from train.config import UsageError
+
 PAD, BOS, EOS, MASK = 0, 1, 2, 3
 _OFFSET = 4  # byte b is token b + 4
 VOCAB_SIZE = 264  # 4 specials + 256 bytes, rounded up to a multiple of 8
 
 
-class DataError(ValueError):
+class DataError(UsageError):
   """Bad user data: the CLI prints it as one line and exits non-zero."""
 
 
@@ -34,7 +36,7 @@ def decode(tokens) -> str:
   for t in np.asarray(tokens).tolist():
     if t == EOS:
       break
-    if t >= _OFFSET:
+    if _OFFSET <= t < _OFFSET + 256:  # ids past the bytes only round the vocabulary up
       out.append(t - _OFFSET)
   return out.decode('utf-8', errors='replace')
 

@@ -12,9 +12,9 @@ import sys
 import jax
 import numpy as np
 
-from flaxformer_lite import generate
+from flaxformer_lite import beam_search, generate
 from train import checkpoint, data, loop
-from train.config import RunConfig
+from train.config import RunConfig, UsageError
 from train.tasks import Seq2SeqTask, TextTask, MLMTask
 
 
@@ -36,7 +36,7 @@ def load(workdir: str):
   """(setup, params) of the newest checkpoint in `workdir`."""
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
-    raise ValueError(f'--workdir {workdir}: no config.json; is this a training run\'s workdir?')
+    raise UsageError(f'--workdir {workdir}: no config.json; is this a training run\'s workdir?')
   with open(path) as f:
     meta = json.load(f)
   # Decoding runs on this machine's devices, whatever layout the training used.
@@ -47,7 +47,7 @@ def load(workdir: str):
   try:
     step = ckpts.latest_step()
     if step is None:
-      raise ValueError(f'--workdir {workdir}: no finished checkpoint yet')
+      raise UsageError(f'--workdir {workdir}: no finished checkpoint yet')
     state, _ = ckpts.restore(step, checkpoint.abstract(setup.abstract_state, setup.shardings))
   finally:
     ckpts.close()
@@ -60,29 +60,31 @@ def main(argv=None) -> int:
     setup, params = load(args.workdir)
     task, model = setup.task, setup.model
     if isinstance(task, MLMTask):
-      raise ValueError('an mlm run has no generator; train --task text or a seq2seq task')
+      raise UsageError('an mlm run has no generator; train --task text or a seq2seq task')
     if isinstance(task, Seq2SeqTask):
       texts = args.input or []
       if not texts:
-        raise ValueError('give --input TEXT for a sequence-to-sequence run')
+        raise UsageError('give --input TEXT for a sequence-to-sequence run')
       length, max_new = task.src_len, args.max_new_tokens or task.tgt_len
     else:
       texts = args.prompt or []
       if not texts:
-        raise ValueError('give --prompt TEXT for a text run')
+        raise UsageError('give --prompt TEXT for a text run')
       length = max(len(task.tokenizer.encode(t)) for t in texts)
       max_new = args.max_new_tokens or 64
     tokens = np.stack([data.pad_to(task.tokenizer.encode(t), length) for t in texts])
     variables = {'params': params}
-    if args.beam_size:
-      from flaxformer_lite import beam_search
-      out = beam_search(model, variables, tokens, beam_size=args.beam_size,
-                        max_new_tokens=max_new)
-    else:
-      out = generate(model, variables, tokens, max_new_tokens=max_new,
-                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                     rng=jax.random.key(args.seed))
-  except ValueError as e:
+    try:
+      if args.beam_size:
+        out = beam_search(model, variables, tokens, beam_size=args.beam_size,
+                          max_new_tokens=max_new)
+      else:
+        out = generate(model, variables, tokens, max_new_tokens=max_new,
+                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                       rng=jax.random.key(args.seed))
+    except ValueError as e:  # the library's checks of the request, e.g. a prompt too long
+      raise UsageError(str(e)) from None
+  except UsageError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   for text, row in zip(texts, np.asarray(out)):

@@ -17,7 +17,7 @@ import numpy as np
 from flaxformer_lite import viz
 from train import checkpoint, data, optim, parallel
 from train import state as state_lib
-from train.config import RunConfig
+from train.config import RunConfig, UsageError
 from train.metrics import MetricsLog, progress
 from train.step import make_eval_step, make_train_step
 from train.tasks import TASKS, Seq2SeqTask
@@ -51,7 +51,7 @@ def check_workdir(workdir: str) -> None:
       f.write('ok')
     os.remove(probe)
   except OSError as e:
-    raise ValueError(f'--workdir {workdir}: not writable ({e.strerror})') from None
+    raise UsageError(f'--workdir {workdir}: not writable ({e.strerror})') from None
 
 
 @dataclasses.dataclass
@@ -79,7 +79,10 @@ def build(run: RunConfig) -> Setup:
   overrides = {'dtype': jnp.dtype(run.dtype)}
   if run.dropout is not None:
     overrides['dropout_rate'] = run.dropout
-  model = task.model_cls(task.config(run.preset, **overrides))
+  try:
+    model = task.model_cls(task.config(run.preset, **overrides))
+  except ValueError as e:  # e.g. --dropout outside [0, 1)
+    raise UsageError(f'--preset {run.preset} with these options: {e}') from None
   updates = -(-run.steps // run.accumulate)
   learning_rate = optim.schedule(run.schedule or task.default_schedule, run.learning_rate,
                                  run.warmup, updates)

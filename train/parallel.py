@@ -19,9 +19,10 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from flaxformer_lite import sharding
+from train.config import UsageError
 
 
-class ParallelError(ValueError):
+class ParallelError(UsageError):
   """A parallel layout that does not fit the devices or the batch."""
 
 
