@@ -130,7 +130,8 @@ def evaluate(setup: Setup, eval_step, params, batches) -> dict:
 
 
 def run(run: RunConfig) -> dict:
-  """Trains (or resumes) as `run` says; returns the final evaluation."""
+  """Trains (or resumes) as `run` says; returns the final evaluation (None if stopped by a
+  signal, after saving a checkpoint)."""
   check_workdir(run.workdir)
   setup = build(run)
   is_main = jax.process_index() == 0
@@ -167,51 +168,51 @@ def _train(setup: Setup, state, start: int, ckpts, log: MetricsLog, meta: dict) 
   if start:
     print(f'resuming from step {start}')
   bar = progress(start, run.steps, enabled=run.progress and is_main)
-  tokens, window_start, metrics = 0.0, time.perf_counter(), None
-  stopped = None
+  window_start, window_tokens, final = time.perf_counter(), 0.0, None
   with StopRequested() as stop:
     for step in range(start, run.steps):
       with layout.context():
         state, metrics = train_step(state, parallel.put_batch(next(batches), layout))
-      tokens += run.batch_size * run.seq_len  # an upper bound replaced below at log time
+      window_tokens = window_tokens + metrics['tokens']  # stays on device: no sync per step
       done = step + 1
+      bar.update(1)
       if done % run.log_every == 0 or done == run.steps:
         m = jax.device_get(parallel.unreplicate(metrics, layout))  # one host sync per window
-        elapsed = time.perf_counter() - window_start
-        steps_in_window = done - max(start, done - run.log_every)
-        tps = float(m['tokens']) * steps_in_window / max(elapsed, 1e-9)
+        tps = float(np.max(window_tokens)) / max(time.perf_counter() - window_start, 1e-9)
         log.write(done, 'train', loss=m['loss'], accuracy=m['accuracy'],
                   learning_rate=m['learning_rate'], tokens_per_second=tps)
         bar.set_postfix(loss=f'{float(m["loss"]):.3f}', tok_s=f'{tps:,.0f}')
-        tokens, window_start = 0.0, time.perf_counter()
-      bar.update(1)
+        window_start, window_tokens = time.perf_counter(), 0.0
       if done % run.eval_every == 0 or done == run.steps:
-        with layout.context():
-          result = evaluate(setup, eval_step, state.params, eval_batches)
-          extra = {}
-          if isinstance(task, Seq2SeqTask):
-            extra, _ = task.examples(model, parallel.unreplicate(state, layout).params, 0)
-        log.write(done, 'eval', **result, **extra)
+        final = _evaluate_all(setup, eval_step, state, eval_batches,
+                              run.examples if done == run.steps else 0)
+        log.write(done, 'eval', **final[0])
       if stop.signal or done % run.checkpoint_every == 0 or done == run.steps:
         ckpts.save(done, parallel.unreplicate(state, layout), meta)
       if stop.signal:
-        stopped = (stop.signal, done)
-        break
+        bar.close()
+        print(f'{stop.signal}: saved a checkpoint at step {done}; rerun the same command to '
+              'resume')
+        return None
   bar.close()
-  if stopped:
-    ckpts.close()
-    print(f'{stopped[0]}: saved a checkpoint at step {stopped[1]}; rerun the same command to '
-          'resume')
-    raise SystemExit(0)
+  if final is None:  # resumed a run that had already finished
+    final = _evaluate_all(setup, eval_step, state, eval_batches, run.examples)
+  result, lines = final
   with layout.context():
-    result = evaluate(setup, eval_step, state.params, eval_batches)
-  state = parallel.unreplicate(state, layout)
-  with layout.context():
-    extra, lines = task.examples(model, state.params, run.examples)
-    result.update(extra)
-    _report(setup, state, result, lines, is_main)
+    _report(setup, parallel.unreplicate(state, layout), result, lines, is_main)
   log.close()
   return result
+
+
+def _evaluate_all(setup: Setup, eval_step, state, eval_batches, n_examples: int):
+  """Held-out loss/accuracy (and perplexity), plus the task's decoded metrics and examples."""
+  with setup.layout.context():
+    result = evaluate(setup, eval_step, state.params, eval_batches)
+    extra, lines = {}, []
+    if isinstance(setup.task, Seq2SeqTask) or n_examples:
+      params = parallel.unreplicate(state, setup.layout).params
+      extra, lines = setup.task.examples(setup.model, params, n_examples)
+  return {**result, **extra}, lines
 
 
 def _report(setup: Setup, state, result: dict, lines: list[str], is_main: bool) -> None:
