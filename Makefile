@@ -1,4 +1,4 @@
-# make test: venv + `pip install -e .[dev]` (again only when pyproject.toml changes), then pytest.
+# make test: venv + `pip install -e .[dev]` (again only when pyproject.toml changes), then pytest $(ARGS).
 # make train: venv + the library and the train extras, then `python -m train $(ARGS)`.
 PYTHON ?= python3
 VENV := .venv
@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 
 # Two workers for two cores; whole files per worker, so each compiles only its own models.
 test: $(VENV)/.installed-dev
-	$(PY) -m pytest -n 2 --dist loadfile
+	$(PY) -m pytest -n 2 --dist loadfile $(ARGS)
 
 train: $(VENV)/.installed
 	$(PY) -m train $(ARGS)
