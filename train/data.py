@@ -223,17 +223,18 @@ def read_pairs(path: str, on_bad_bytes: str = 'error') -> list[tuple[str, str]]:
 # ----------------------------------------------------------------------------------------------
 # batches
 
-def batched(examples: grain.MapDataset, global_batch: int, process_index: int = 0,
-            process_count: int = 1) -> grain.MapDataset:
-  """This process's share of each global batch; `dataset[s]` belongs to step s.
+def batched(examples: grain.MapDataset, global_batch: int,
+            rows: slice | None = None) -> grain.MapDataset:
+  """This process's rows of each global batch; `dataset[s]` belongs to step s.
 
-  Row r of global batch s is example s * global_batch + r; process p reads only its rows
-  [p * b, (p + 1) * b) with b = global_batch / process_count, so no host reads the whole batch.
+  Row r of global batch s is example s * global_batch + r; a process reads only `rows` (those its
+  devices hold), so no host reads more of the batch than it needs.
   """
-  b = global_batch // process_count
+  rows = slice(0, global_batch) if rows is None else rows
+  b = rows.stop - rows.start
   steps = len(examples) // global_batch
   local = grain.MapDataset.range(steps * b).map(
-      lambda j: examples[(j // b) * global_batch + process_index * b + j % b])
+      lambda j: examples[(j // b) * global_batch + rows.start + j % b])
   return local.batch(b, drop_remainder=True)
 
 

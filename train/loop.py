@@ -159,11 +159,9 @@ def _train(setup: Setup, state, start: int, ckpts, log: MetricsLog, meta: dict) 
                                axis_name='data' if layout.kind == 'pmap' else None)
   train_step, eval_step = parallel.compile_steps(train_step, make_eval_step(model, task),
                                                  layout, setup.shardings)
-  rows = slice(jax.process_index() * layout.process_batch,
-               (jax.process_index() + 1) * layout.process_batch)
+  rows = layout.process_rows()
   eval_batches = [{k: v[rows] for k, v in b.items()} for b in task.eval_batches(run.batch_size)]
-  batches = data.prefetch(data.batched(task.train_examples(), run.batch_size,
-                                       jax.process_index(), jax.process_count()), start)
+  batches = data.prefetch(data.batched(task.train_examples(), run.batch_size, rows), start)
   is_main = jax.process_index() == 0
   if start:
     print(f'resuming from step {start}')

@@ -48,10 +48,22 @@ class Layout:
   mesh: Mesh
   global_batch: int
 
-  @property
-  def process_batch(self) -> int:
-    """Rows of each global batch that this process loads."""
-    return self.global_batch // jax.process_count()
+  def process_rows(self) -> slice:
+    """The rows of every global batch that this process's devices hold, hence load.
+
+    Processes that share a batch shard (e.g. `tensor` spanning hosts) load the same rows.
+    """
+    if self.kind == 'pmap':
+      return slice(0, self.global_batch)
+    index = batch_sharding(self).addressable_devices_indices_map((self.global_batch,))
+    starts = [s[0].start or 0 for s in index.values()]
+    stops = [self.global_batch if s[0].stop is None else s[0].stop for s in index.values()]
+    rows = slice(min(starts), max(stops))
+    held = {i for s in index.values() for i in range(*s[0].indices(self.global_batch))}
+    if len(held) != rows.stop - rows.start:
+      raise ParallelError(f'this process holds batch rows {sorted(held)}, not one contiguous '
+                          'block; reorder the mesh axes')
+    return rows
 
   def context(self):
     """Active while tracing: logical constraints inside the model resolve against this mesh."""
@@ -67,18 +79,19 @@ def make_layout(kind: str, mesh_text: str | None, global_batch: int) -> Layout:
   if kind not in ('mesh', 'pmap'):
     raise ParallelError(f'--parallel {kind!r} is not one of mesh, pmap')
   devices = jax.devices()
-  if global_batch % len(devices):
-    raise ParallelError(f'--batch-size {global_batch} is not divisible by the device count '
-                        f'{len(devices)}')
   if kind == 'pmap':
+    if global_batch % len(devices):
+      raise ParallelError(f'--batch-size {global_batch} is not divisible by the device count '
+                          f'{len(devices)}')
     if jax.process_count() > 1:
       raise ParallelError('--parallel pmap runs in one process; use --parallel mesh on '
                           'several hosts')
     if mesh_text:
       raise ParallelError('--mesh applies to --parallel mesh only')
     return Layout('pmap', Mesh(np.array(jax.local_devices()), ('data',)), global_batch)
+  shape = parse_mesh(mesh_text)
   try:
-    mesh = sharding.make_mesh(parse_mesh(mesh_text), devices)
+    mesh = sharding.make_mesh(shape, devices)
   except ValueError as e:
     raise ParallelError(f'--mesh {mesh_text}: {e}') from None
   split = mesh.shape['data'] * mesh.shape['fsdp']
@@ -111,11 +124,14 @@ def batch_sharding(layout: Layout) -> NamedSharding:
 
 def put_batch(batch: dict, layout: Layout) -> dict:
   """This process's rows -> global arrays split over the batch axes (or [devices, ...] for pmap)."""
+  sharding_ = batch_sharding(layout)
   if layout.kind == 'pmap':
     n = len(layout.mesh.devices.flat)
     batch = {k: v.reshape((n, -1) + v.shape[1:]) for k, v in batch.items()}
-  sharding_ = batch_sharding(layout)
-  return {k: jax.make_array_from_process_local_data(sharding_, np.asarray(v))
+    return {k: jax.make_array_from_process_local_data(sharding_, np.asarray(v))
+            for k, v in batch.items()}
+  return {k: jax.make_array_from_process_local_data(sharding_, np.asarray(v),
+                                                    (layout.global_batch,) + v.shape[1:])
           for k, v in batch.items()}
 
 
