@@ -1,0 +1,1 @@
+"""Benchmarks: python -m benchmarks.<name>; results go to benchmarks/results/<name>-<device>.json."""
