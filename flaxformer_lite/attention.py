@@ -69,6 +69,8 @@ def attention_weights(query, key, *, bias=None, mask=None, is_causal=False) -> j
   logits = logits.reshape(b, n, t, s).astype(jnp.float32) / math.sqrt(h)
   if bias is not None:
     logits = logits + bias.astype(jnp.float32)
+    # A -inf bias masks like False does: the row may end up with nothing to attend to.
+    mask = combine_masks(mask, logits > -jnp.inf)
   if is_causal:
     mask = combine_masks(mask, make_causal_mask(t, s))
   if mask is None:
@@ -210,10 +212,15 @@ class MultiHeadAttention(nn.Module):
       raise ValueError('decode=True needs per-example positions [batch, length]')
     batch = jnp.arange(key.shape[0])[:, None]
     length = cached_key.value.shape[1]
+    if not isinstance(positions, jax.core.Tracer) and int(positions.max()) >= length:
+      raise ValueError(f'decoding position {int(positions.max())} is past the cache length '
+                       f'{length} set at init(..., decode=True)')
     # Pad tokens (position -1) and positions past the end are dropped by the scatter.
     slots = jnp.where(positions >= 0, positions, length)
     cached_key.value = cached_key.value.at[batch, slots].set(key, mode='drop')
     cached_value.value = cached_value.value.at[batch, slots].set(value, mode='drop')
-    # Slots past a query's position are either future tokens or stale entries of pad tokens.
-    mask = jnp.arange(length)[None, None, None, :] <= positions[:, None, :, None]  # [B, 1, T, L]
+    # Slots past a query's position are either future tokens or stale entries of pad tokens;
+    # a query past the cache's end (only possible under jit) attends to nothing: zeros.
+    mask = ((jnp.arange(length)[None, None, None, :] <= positions[:, None, :, None])
+            & (positions < length)[:, None, :, None])  # [B, 1, T, L]
     return cached_key.value, cached_value.value, mask

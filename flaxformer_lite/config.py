@@ -92,14 +92,21 @@ class TransformerConfig:
       fail(f'rotary positions need an even head_dim, got head_dim={self.head_size}')
     for name in ('dropout_rate', 'attention_dropout_rate'):
       value = getattr(self, name)
-      if not 0.0 <= value < 1.0:
-        fail(f'{name}={value!r} must be in [0, 1)')
-    if self.norm_eps <= 0:
-      fail(f'norm_eps={self.norm_eps!r} must be positive')
+      if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        fail(f'{name}={value!r} must be a number in [0, 1)')
+    for name in ('norm_eps', 'rope_base', 'init_std'):
+      value = getattr(self, name)
+      if value is None and name == 'init_std':
+        continue
+      if not isinstance(value, (int, float)) or value <= 0:
+        fail(f'{name}={value!r} must be a positive number')
     for name in ('pad_id', 'bos_id', 'eos_id'):
       value = getattr(self, name)
       if not 0 <= value < self.vocab_size:
         fail(f'{name}={value!r} is outside the vocabulary [0, {self.vocab_size})')
+    if self.eos_id == self.pad_id:
+      fail(f'eos_id={self.eos_id} equals pad_id: generation marks finished rows with pad_id and '
+           'never samples it, so it could never stop')
 
   @property
   def kv_heads(self) -> int:

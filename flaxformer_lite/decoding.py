@@ -46,10 +46,6 @@ def _zeros_cache(model, *args, method=None):
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes['cache'])
 
 
-def _init_decoder(model, src, tgt, decode):
-  return model.decode(model.encode(src), src, tgt, decode=decode)
-
-
 def _prefill(model, params, inputs, max_new_tokens):
   """Runs the prompt (GPT) or BOS (Transformer) through the decoder.
 
@@ -61,8 +57,7 @@ def _prefill(model, params, inputs, max_new_tokens):
   if isinstance(model, Transformer):
     encoded = model.apply({'params': params}, inputs, method='encode')
     prompt = jnp.full((batch, 1), cfg.bos_id, jnp.int32)
-    cache = _zeros_cache(model, inputs, jnp.zeros((batch, max_new_tokens), jnp.int32),
-                         method=_init_decoder)
+    cache = _zeros_cache(model, inputs, jnp.zeros((batch, max_new_tokens), jnp.int32))
 
     def step(cache, tokens):
       logits, mutated = model.apply({'params': params, 'cache': cache}, encoded, inputs, tokens,

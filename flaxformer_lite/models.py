@@ -57,12 +57,13 @@ class DecodePosition(nn.Module):
     return jnp.where(valid, positions, -1)
 
 
-def _output_logits(cfg, embed, x, name='lm_head'):
-  if cfg.tie_embeddings:
-    logits = embed.attend(x)
-  else:
-    logits = layers.dense_general(cfg, cfg.vocab_size, ('embed', 'vocab'), use_bias=False,
-                                  name=name)(x)
+def _lm_head(cfg, name=None):
+  return layers.dense_general(cfg, cfg.vocab_size, ('embed', 'vocab'), use_bias=False, name=name)
+
+
+def _output_logits(cfg, embed, x, lm_head=None):
+  """`[B, T, D]` -> float32 logits, through the tied embedding or `lm_head`."""
+  logits = embed.attend(x) if cfg.tie_embeddings else lm_head(x)
   # Losses and sampling want float32 logits whatever the compute dtype.
   return nn.with_logical_constraint(logits.astype(jnp.float32), ('batch', 'length', 'vocab'))
 
@@ -95,7 +96,7 @@ class GPT(nn.Module):
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
     x = LayerStack(cfg, DecoderLayer, cfg.num_decoder_layers, name='decoder')(
         x, (None, mask, None, positions), (deterministic, decode, capture_attention))
-    return _output_logits(cfg, embed, x)
+    return _output_logits(cfg, embed, x, None if cfg.tie_embeddings else _lm_head(cfg, 'lm_head'))
 
 
 class Transformer(nn.Module):
@@ -114,6 +115,8 @@ class Transformer(nn.Module):
     self.encoder = LayerStack(cfg, EncoderLayer, cfg.num_encoder_layers)
     self.decoder = LayerStack(cfg, DecoderLayer, cfg.num_decoder_layers)
     self.decode_position = DecodePosition()
+    if not cfg.tie_embeddings:
+      self.lm_head = _lm_head(cfg)
 
   def encode(self, src_tokens, *, deterministic=True, capture_attention=False):
     """src_tokens `[B, S]` -> encoded `[B, S, D]`."""
@@ -149,15 +152,22 @@ class Transformer(nn.Module):
     x = self.dropout(x, deterministic=deterministic)
     x = self.decoder(x, (encoded, self_mask, cross_mask, positions),
                      (deterministic, decode, capture_attention))
-    return _output_logits(cfg, self.embed, x)
+    return _output_logits(cfg, self.embed, x, None if cfg.tie_embeddings else self.lm_head)
 
-  def __call__(self, src_tokens, tgt_tokens, *, deterministic=True, capture_attention=False):
-    """src `[B, S]`, tgt (decoder input) `[B, T]` -> logits `[B, T, V]` (float32)."""
+  def __call__(self, src_tokens, tgt_tokens, *, deterministic=True, decode=False,
+               capture_attention=False):
+    """src `[B, S]`, tgt (decoder input) `[B, T]` -> logits `[B, T, V]` (float32).
+
+    `init(..., decode=True)` sizes the decoder's cache by `tgt_tokens`' length.
+    """
     check_tokens(tgt_tokens, self.config, 'tgt_tokens')  # before the encoder runs
+    if src_tokens.shape[0] != tgt_tokens.shape[0]:
+      raise ValueError(f'src_tokens batch {src_tokens.shape[0]} != tgt_tokens batch '
+                       f'{tgt_tokens.shape[0]}')
     encoded = self.encode(src_tokens, deterministic=deterministic,
                           capture_attention=capture_attention)
     return self.decode(encoded, src_tokens, tgt_tokens, deterministic=deterministic,
-                       capture_attention=capture_attention)
+                       decode=decode, capture_attention=capture_attention)
 
 
 class MaskedLMHead(nn.Module):
@@ -210,6 +220,12 @@ class BertEncoder(nn.Module):
       token_types = jnp.zeros_like(tokens)
     elif token_types.shape != tokens.shape:
       raise ValueError(f'token_types shape {token_types.shape} != tokens shape {tokens.shape}')
+    elif not isinstance(token_types, jax.core.Tracer) and token_types.size:
+      bad = np.asarray(token_types)
+      bad = bad[(bad < 0) | (bad >= cfg.type_vocab_size)]
+      if bad.size:
+        raise ValueError(f'token_types holds {int(bad[0])}, outside [0, '
+                         f'type_vocab_size={cfg.type_vocab_size})')
     positions = token_positions(tokens != cfg.pad_id)
     x = self.positions(self.embed(tokens), positions)
     x = x + jnp.take(jnp.asarray(self.token_types, cfg.dtype), token_types, axis=0)

@@ -17,6 +17,11 @@ class CheckpointMismatch(UsageError):
 
 # Fields that change numerics or memory use but not the parameters: a resume may change them.
 RUNTIME_FIELDS = {'dtype', 'attention_impl', 'remat', 'dropout_rate', 'attention_dropout_rate'}
+# Run options that decide which batches, updates and random numbers follow: an exact resume
+# needs them unchanged. (--steps may grow; the cosine schedule's horizon grows with it.)
+RUN_FIELDS = ('seed', 'batch_size', 'seq_len', 'data', 'learning_rate', 'schedule', 'warmup',
+              'weight_decay', 'clip_norm', 'label_smoothing', 'accumulate', 'tokenizer',
+              'vocab_size')
 
 
 class Checkpoints:
@@ -37,7 +42,7 @@ class Checkpoints:
   def meta(self, step: int) -> dict:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
 
-  def check(self, step: int, task: str, model_config: dict) -> dict:
+  def check(self, step: int, task: str, model_config: dict, run: dict) -> dict:
     """Raises CheckpointMismatch unless the checkpoint at `step` fits the requested run."""
     meta = self.meta(step)
     if meta['task'] != task:
@@ -51,6 +56,12 @@ class Checkpoints:
                           for k in diff)
       raise CheckpointMismatch(f'the checkpoint at step {step} has another model ({details}); '
                                'use another --workdir or the same options')
+    changed = [k for k in RUN_FIELDS if meta['run'].get(k) != run.get(k)]
+    if changed:
+      details = ', '.join(f'--{k.replace("_", "-")} saved {meta["run"].get(k)!r} vs requested '
+                          f'{run.get(k)!r}' for k in changed)
+      raise CheckpointMismatch(f'the checkpoint at step {step} was trained with other options '
+                               f'({details}); resuming would not continue the same run')
     return meta
 
   def restore(self, step: int, abstract_state):

@@ -65,6 +65,14 @@ class RunConfig:
       value = getattr(self, name)
       if value is not None and value < (0 if name == 'warmup' else 1):
         raise UsageError(f'--{name.replace("_", "-")} {value} must be positive')
+    for name, low, high in (('learning_rate', 0.0, None), ('weight_decay', -1e-12, None),
+                            ('clip_norm', 0.0, None), ('label_smoothing', -1e-12, 1.0)):
+      value = getattr(self, name)
+      if value is not None and (value <= low or (high is not None and value >= high)):
+        bound = f'in [0, {high})' if high else ('>= 0' if low < 0 else '> 0')
+        raise UsageError(f'--{name.replace("_", "-")} {value} must be {bound}')
+    if self.examples < 0:
+      raise UsageError(f'--examples {self.examples} must be >= 0')
     if self.dtype not in ('float32', 'bfloat16'):
       raise UsageError(f'--dtype {self.dtype!r} is not one of float32, bfloat16')
     if self.schedule not in (None, 'rsqrt', 'cosine', 'constant'):

@@ -15,7 +15,7 @@ import numpy as np
 from flaxformer_lite import beam_search, generate
 from train import checkpoint, data, loop
 from train.config import RunConfig, UsageError
-from train.tasks import Seq2SeqTask, TextTask, MLMTask
+from train.tasks import MLMTask, Seq2SeqTask, to_host
 
 
 def parser():
@@ -87,7 +87,7 @@ def main(argv=None) -> int:
   except UsageError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
-  for text, row in zip(texts, np.asarray(out)):
+  for text, row in zip(texts, to_host(out)):
     print(f'{text} -> {task.tokenizer.decode(row)}' if isinstance(task, Seq2SeqTask)
           else text + task.tokenizer.decode(row))
   return 0

@@ -13,6 +13,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from flaxformer_lite import viz
 from train import checkpoint, data, optim, parallel
@@ -24,11 +25,24 @@ from train.tasks import TASKS, Seq2SeqTask
 
 
 class StopRequested:
-  """SIGTERM/SIGINT set a flag; the loop saves and exits at the next step boundary."""
+  """SIGTERM/SIGINT set a flag; the loop saves and exits at the next step boundary.
 
-  def __init__(self):
+  With several processes they must stop at the same step (a save is collective), so the flags
+  are compared across processes every `every` steps and acted on only then.
+  """
+
+  def __init__(self, every: int = 1):
     self.signal = None
+    self.every = every
     self._old = {}
+
+  def now(self, step: int) -> str | None:
+    if jax.process_count() == 1:
+      return self.signal
+    if step % self.every:
+      return None
+    flags = multihost_utils.process_allgather(np.array(self.signal is not None))
+    return (self.signal or 'SIGTERM (on another process)') if flags.any() else None
 
   def __enter__(self):
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -46,7 +60,7 @@ class StopRequested:
 def check_workdir(workdir: str) -> None:
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, '.write-test')
+    probe = os.path.join(workdir, f'.write-test-{jax.process_index()}')
     with open(probe, 'w') as f:
       f.write('ok')
     os.remove(probe)
@@ -109,7 +123,8 @@ def restore_or_create(setup: Setup, ckpts: checkpoint.Checkpoints):
     with setup.layout.context():
       state = jax.jit(create, out_shardings=setup.shardings)()
   else:
-    ckpts.check(latest, setup.run.task, setup.model_config.to_dict())
+    ckpts.check(latest, setup.run.task, setup.model_config.to_dict(),
+                dataclasses.asdict(setup.run))
     state, _ = ckpts.restore(latest, checkpoint.abstract(setup.abstract_state, setup.shardings))
   if setup.layout.kind == 'pmap':
     state = parallel.put_state(state, setup.layout, setup.shardings)
@@ -167,7 +182,7 @@ def _train(setup: Setup, state, start: int, ckpts, log: MetricsLog, meta: dict) 
     print(f'resuming from step {start}')
   bar = progress(start, run.steps, enabled=run.progress and is_main)
   window_start, window_tokens, final = time.perf_counter(), 0.0, None
-  with StopRequested() as stop:
+  with StopRequested(every=run.log_every) as stop:
     for step in range(start, run.steps):
       with layout.context():
         state, metrics = train_step(state, parallel.put_batch(next(batches), layout))
@@ -178,20 +193,24 @@ def _train(setup: Setup, state, start: int, ckpts, log: MetricsLog, meta: dict) 
         m = jax.device_get(parallel.unreplicate(metrics, layout))  # one host sync per window
         tps = float(np.max(window_tokens)) / max(time.perf_counter() - window_start, 1e-9)
         log.write(done, 'train', loss=m['loss'], accuracy=m['accuracy'],
-                  learning_rate=m['learning_rate'], tokens_per_second=tps)
+                  grad_norm=m['grad_norm'], learning_rate=m['learning_rate'],
+                  tokens_per_second=tps)
         bar.set_postfix(loss=f'{float(m["loss"]):.3f}', tok_s=f'{tps:,.0f}')
         window_start, window_tokens = time.perf_counter(), 0.0
+      stopping = stop.now(done)
+      # Save before evaluating: an evaluation that fails or is killed loses no training.
+      if stopping or done % run.checkpoint_every == 0 or done == run.steps:
+        ckpts.save(done, parallel.unreplicate(state, layout), meta)
+      if stopping:
+        bar.close()
+        if is_main:
+          print(f'{stopping}: saved a checkpoint at step {done}; rerun the same command to '
+                'resume')
+        return None
       if done % run.eval_every == 0 or done == run.steps:
         final = _evaluate_all(setup, eval_step, state, eval_batches,
                               run.examples if done == run.steps else 0)
         log.write(done, 'eval', **final[0])
-      if stop.signal or done % run.checkpoint_every == 0 or done == run.steps:
-        ckpts.save(done, parallel.unreplicate(state, layout), meta)
-      if stop.signal:
-        bar.close()
-        print(f'{stop.signal}: saved a checkpoint at step {done}; rerun the same command to '
-              'resume')
-        return None
   bar.close()
   if final is None:  # resumed a run that had already finished
     final = _evaluate_all(setup, eval_step, state, eval_batches, run.examples)

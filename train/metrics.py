@@ -24,7 +24,13 @@ class MetricsLog:
     kept = []
     if os.path.exists(self.path):
       with open(self.path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line)['step'] <= resume_step]
+        for line in f:
+          try:
+            record = json.loads(line)
+          except json.JSONDecodeError:  # the last line of a run killed while appending it
+            continue
+          if record['step'] <= resume_step:
+            kept.append(line)
     with open(self.path, 'w') as f:
       f.writelines(kept)
     from tensorboardX import SummaryWriter

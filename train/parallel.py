@@ -3,7 +3,8 @@
 `--parallel mesh` (default) runs jit-compiled steps with explicit shardings: parameters and
 optimizer state are laid out by their logical axis names through `flaxformer_lite.sharding`'s
 rules, the batch is split over (data, fsdp). `--parallel pmap` is classic data parallelism:
-replicated state, gradients averaged with `lax.pmean`, on the local devices of one process.
+replicated state, gradients summed with `lax.psum` and divided by the global token count, on the
+local devices of one process.
 """
 
 from __future__ import annotations
@@ -139,8 +140,10 @@ def put_state(state, layout: Layout, shardings):
   """Places a (host or device) state as `shardings` say; pmap gets one copy per device."""
   if layout.kind == 'pmap':
     n = len(layout.mesh.devices.flat)
-    state = jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + x.shape), state)
-    return jax.device_put(state, NamedSharding(layout.mesh, P('data')))
+    # Built by a jit whose output is split over the devices: each holds only its own copy.
+    copies = jax.jit(lambda s: jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + x.shape), s),
+                     out_shardings=NamedSharding(layout.mesh, P('data')))
+    return copies(state)
   return jax.device_put(state, shardings)
 
 

@@ -48,8 +48,13 @@ def make_train_step(model, task, tx, *, label_smoothing: float, learning_rate_fn
     grads = jax.tree.map(lambda g: g / total, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {'loss': sums['loss'] / total, 'accuracy': sums['correct'] / total,
-               'grad_norm': optax.global_norm(grads), 'tokens': sums['weight'],
+    # `loss` is the cross-entropy, comparable with eval's; label smoothing only shapes the
+    # gradient. `tokens` counts the non-pad tokens the model read, for tokens/s.
+    tokens = sum((batch[k] != 0).sum() for k in ('inputs', 'src', 'tgt_in') if k in batch)
+    if axis_name is not None:
+      tokens = jax.lax.psum(tokens, axis_name)
+    metrics = {'loss': sums['nll'] / total, 'accuracy': sums['correct'] / total,
+               'tokens': tokens.astype(jnp.float32), 'grad_norm': optax.global_norm(grads),
                'learning_rate': learning_rate_fn(state.step // accumulate)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

@@ -7,12 +7,20 @@ import pathlib
 
 import grain
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
 from flaxformer_lite import GPT, BertEncoder, Transformer, TransformerConfig, generate
 from train import data
 from train.data import BOS, EOS, MASK, PAD
+
+
+def to_host(x) -> np.ndarray:
+  """A (possibly multi-host) array's full value on every process."""
+  if jax.process_count() > 1:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
 
 
 def _stack(examples: list[dict]) -> dict:
@@ -63,7 +71,12 @@ class Task:
   def make_tokenizer(self, texts: list[str]) -> None:
     if self.tokenizer_name == 'sentencepiece':
       path = str(pathlib.Path(self.workdir).absolute() / 'tokenizer.model')
-      self.tokenizer = data.SentencePieceTokenizer.train_or_load(texts, path, self.vocab_size)
+      # One process trains (the workdir may be shared), the others wait and load its model.
+      if jax.process_index() == 0:
+        data.SentencePieceTokenizer.train_or_load(texts, path, self.vocab_size)
+      if jax.process_count() > 1:
+        multihost_utils.sync_global_devices('tokenizer trained')
+      self.tokenizer = data.SentencePieceTokenizer(path)
 
   def train_examples(self) -> grain.MapDataset:
     raise NotImplementedError
@@ -118,7 +131,7 @@ class Seq2SeqTask(Task):
   def translate(self, model, params, sources: list[str]) -> list[str]:
     src = np.stack([data.pad_to(self.tokenizer.encode(s), self.src_len) for s in sources])
     out = generate(model, {'params': params}, src, max_new_tokens=self.tgt_len)
-    return [self.tokenizer.decode(row) for row in np.asarray(out)]
+    return [self.tokenizer.decode(row) for row in to_host(out)]
 
   def examples(self, model, params, n):
     pairs = self.eval_pairs()
@@ -140,7 +153,7 @@ class Seq2SeqTask(Task):
                            capture_attention=True, mutable=['intermediates'])
     maps = viz.collect_attention(state)
     cross = [k for k in maps if k.endswith('cross_attention')][-1]
-    weights = np.asarray(maps[cross][0]).mean(axis=0)  # [T, S]
+    weights = to_host(maps[cross])[0].mean(axis=0)  # [T, S]
     src_chars = self.pieces(example['src'])
     out_chars = self.pieces(example['tgt_out'])
     return weights[:len(out_chars), :len(src_chars)], src_chars, out_chars
@@ -238,7 +251,7 @@ class TextTask(Task):
     out = generate(model, {'params': params}, prompt,
                    max_new_tokens=min(96, model.config.max_len - prompt.shape[1]),
                    temperature=0.8, top_k=40, rng=jax.random.key(self.seed))
-    return {}, ['def ' + self.tokenizer.decode(np.asarray(out)[0])]
+    return {}, ['def ' + self.tokenizer.decode(to_host(out)[0])]
 
 
 class MLMTask(TextTask):
@@ -251,7 +264,7 @@ class MLMTask(TextTask):
     chosen = (rng.random(self.seq_len) < 0.15) & (tokens != PAD)
     action = rng.random(self.seq_len)
     inputs = np.where(chosen & (action < 0.8), MASK, tokens)
-    random_tokens = rng.integers(4, data.VOCAB_SIZE, self.seq_len)
+    random_tokens = rng.integers(4, 4 + 256, self.seq_len)  # a random byte
     inputs = np.where(chosen & (action >= 0.8) & (action < 0.9), random_tokens, inputs)
     return {'inputs': inputs.astype(np.int32), 'targets': tokens,
             'weights': chosen.astype(np.float32)}
