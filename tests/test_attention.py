@@ -257,3 +257,22 @@ def test_captured_attention_equals_recomputed_weights(gpt, random_tokens):
     above_diagonal = ~np.tril(np.ones((t, t), bool))
     assert np.all(np.asarray(captured)[..., above_diagonal] == 0.0)
     layer_input = np.asarray(inter['decoder'][layer]['__call__'][0], np.float64)
+
+
+def test_minus_inf_bias_masks_like_false():
+  """A -inf bias excludes a key even where the boolean mask allows it; a row left with nothing
+  gives zeros (no NaN), and masked keys never take the weight a -inf key gave up."""
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.standard_normal((1, 3, 2, 8)), jnp.float32) for _ in range(3))
+  bias = np.zeros((1, 1, 3, 3), np.float32)
+  bias[..., 0, :] = -np.inf        # query 0: every key excluded by the bias
+  bias[..., 1, 0] = -np.inf        # query 1: key 0 excluded by the bias ...
+  mask = np.ones((1, 1, 3, 3), bool)
+  mask[..., 1, 1:] = False         # ... and keys 1, 2 by the mask: nothing left
+  mask[..., 2, 2] = False
+  out = dot_product_attention(q, k, v, bias=jnp.asarray(bias), mask=jnp.asarray(mask))
+  assert not np.isnan(np.asarray(out)).any()
+  np.testing.assert_array_equal(np.asarray(out[:, :2]), 0.0)
+  weights = attention_weights(q, k, bias=jnp.asarray(bias), mask=jnp.asarray(mask))
+  np.testing.assert_array_equal(np.asarray(weights[..., 2, 2]), 0.0)
+  np.testing.assert_allclose(np.asarray(weights[..., 2, :2].sum(-1)), 1.0, atol=1e-6)

@@ -28,6 +28,11 @@ BAD_CONFIGS = [
     (dict(dropout_rate=1.0), 'dropout_rate=1.0'),
     (dict(vocab_size=100, pad_id=100), 'pad_id=100'),
     (dict(pad_id=-1), 'pad_id=-1'),
+    (dict(pad_id=2, eos_id=2), 'eos_id=2 equals pad_id'),
+    (dict(dropout_rate='0.1'), "dropout_rate='0.1'"),
+    (dict(rope_base=0.0), 'rope_base=0.0'),
+    (dict(init_std=-0.02), 'init_std=-0.02'),
+    (dict(dtype='float33'), "dtype='float33'"),
     (dict(vocab_size=0), 'vocab_size=0'),
     (dict(num_decoder_layers=-1), 'num_decoder_layers=-1'),
 ]
@@ -127,3 +132,11 @@ def test_bad_tokens_raise_at_call_time(init_model, random_tokens, kind, argument
   if bad == 'too_long':  # shapes are static, so the length is checked while tracing, too
     with pytest.raises(ValueError, match=re.escape(message)):
       jax.jit(lambda p, *a: model.apply({'params': p}, *a))(params, *inputs)
+
+
+def test_bert_token_types_out_of_range_raise():
+  from flaxformer_lite import BertEncoder
+  model = BertEncoder(TransformerConfig.preset('tiny', d_model=32, d_ff=64, vocab_size=64))
+  tokens = jnp.ones((1, 4), jnp.int32)
+  with pytest.raises(ValueError, match=r'token_types holds 2, outside \[0, type_vocab_size=2\)'):
+    model.init(jax.random.key(0), tokens, jnp.array([[0, 1, 2, 0]]))

@@ -325,3 +325,33 @@ def test_tiny_gpt_overfits_a_fixed_batch(gpt, random_tokens):
   # Starts near log(V) = 4.2 (uniform guess); memorizing 60 tokens takes it ~100x lower.
   assert losses[0] > 3.0
   assert losses[-1] < losses[0] / 20, losses
+
+
+def test_untied_output_projection_transformer_and_gpt(tiny_config, random_tokens):
+  """tie_embeddings=False adds an `lm_head [D, V]` and the logits come from it, not the embedding."""
+  cfg = tiny_config(tie_embeddings=False)
+  src, tgt = random_tokens(0, (2, 6)), random_tokens(1, (2, 5))
+  for model, args in ((Transformer(cfg), (src, tgt)), (GPT(cfg), (tgt,))):
+    params = nn.unbox(model.init(jax.random.key(0), *args)['params'])
+    assert params['lm_head']['kernel'].shape == (cfg.d_model, cfg.vocab_size)
+    logits = model.apply({'params': params}, *args)
+    zeroed = jax.tree.map(lambda x: x, params)
+    zeroed['lm_head'] = {'kernel': jnp.zeros_like(params['lm_head']['kernel'])}
+    np.testing.assert_array_equal(np.asarray(model.apply({'params': zeroed}, *args)), 0.0)
+    assert float(jnp.abs(logits).max()) > 0
+
+
+def test_decoding_past_the_cache_raises(tiny_config, random_tokens):
+  model = GPT(tiny_config())
+  tokens = random_tokens(0, (1, 4))
+  variables = model.init(jax.random.key(0), tokens, decode=True)
+  with pytest.raises(ValueError, match='past the cache length 4'):
+    model.apply(variables, random_tokens(1, (1, 5)), decode=True, mutable=['cache'])
+
+
+def test_transformer_init_with_decode_sizes_the_cache(tiny_config, random_tokens):
+  model = Transformer(tiny_config())
+  cache = model.init(jax.random.key(0), random_tokens(0, (2, 6)), random_tokens(1, (2, 9)),
+                     decode=True)['cache']
+  keys = cache['decoder']['layers_0']['self_attention']['cached_key']
+  assert keys.shape[:2] == (2, 9)

@@ -698,3 +698,36 @@ def test_invalid_utf8_accepted_with_replace(bad_input):
   assert 'final evaluation after 2 steps' in result.stdout
   assert checkpoint_steps(case['workdir']) == [2]
   assert case['after']['notes.txt'] == case['before']['notes.txt']
+
+
+# ----------------------------------------------------------------------------------------------
+# Units: resume bookkeeping
+
+def test_metrics_log_drops_a_torn_last_line_and_later_steps(tmp_path):
+  """A run killed while appending leaves half a JSON line; resuming drops it and every line
+  logged after the checkpoint it resumes from."""
+  from train.metrics import MetricsLog
+  lines = [json.dumps({'step': s, 'split': 'train', 'loss': 1.0 / s}) for s in (2, 4, 6)]
+  (tmp_path / 'metrics.jsonl').write_text('\n'.join(lines) + '\n{"step": 8, "spl')
+  log = MetricsLog(str(tmp_path), resume_step=4)
+  log.write(6, 'train', loss=0.5)
+  log.close()
+  steps = [json.loads(l)['step'] for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  assert steps == [2, 4, 6]
+
+
+def test_resume_refuses_changed_run_options(tmp_path):
+  import jax.numpy as jnp
+  from train.checkpoint import CheckpointMismatch, Checkpoints
+  run = {'seed': 0, 'batch_size': 8, 'learning_rate': 1e-3, 'steps': 10}
+  meta = {'task': 'dates', 'run': run, 'model_config': {'d_model': 32}}
+  ckpts = Checkpoints(str(tmp_path / 'checkpoints'))
+  ckpts.save(3, {'x': jnp.zeros(2)}, meta)
+  ckpts.close()
+  ckpts = Checkpoints(str(tmp_path / 'checkpoints'))
+  try:
+    assert ckpts.check(3, 'dates', {'d_model': 32}, {**run, 'steps': 20})['run'] == run
+    with pytest.raises(CheckpointMismatch, match=r'--batch-size saved 8 vs requested 16'):
+      ckpts.check(3, 'dates', {'d_model': 32}, {**run, 'batch_size': 16})
+  finally:
+    ckpts.close()

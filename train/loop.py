@@ -215,8 +215,7 @@ def _train(setup: Setup, state, start: int, ckpts, log: MetricsLog, meta: dict) 
   if final is None:  # resumed a run that had already finished
     final = _evaluate_all(setup, eval_step, state, eval_batches, run.examples)
   result, lines = final
-  with layout.context():
-    _report(setup, parallel.unreplicate(state, layout), result, lines, is_main)
+  _report(setup, parallel.unreplicate(state, layout), result, lines, is_main)
   log.close()
   return result
 
@@ -225,10 +224,11 @@ def _evaluate_all(setup: Setup, eval_step, state, eval_batches, n_examples: int)
   """Held-out loss/accuracy (and perplexity), plus the task's decoded metrics and examples."""
   with setup.layout.context():
     result = evaluate(setup, eval_step, state.params, eval_batches)
-    extra, lines = {}, []
-    if isinstance(setup.task, Seq2SeqTask) or n_examples:
-      params = parallel.unreplicate(state, setup.layout).params
-      extra, lines = setup.task.examples(setup.model, params, n_examples)
+  # Decoding runs outside the mesh's rules: its batch sizes need not split over the devices.
+  extra, lines = {}, []
+  if isinstance(setup.task, Seq2SeqTask) or n_examples:
+    params = parallel.unreplicate(state, setup.layout).params
+    extra, lines = setup.task.examples(setup.model, params, n_examples)
   return {**result, **extra}, lines
 
 
