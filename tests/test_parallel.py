@@ -346,7 +346,7 @@ class Jobs:
             self.base]
     return Proc([sys.executable, *args], self.logs, name, _env(8)).wait()
 
-  def _pmap_step(self, task, attempts=3):
+  def _pmap_step(self, task, attempts=5):
     """The pmap layout in a process of its own, tried up to `attempts` times.
 
     On a loaded machine, jax.pmap over 8 fake CPU devices (JAX 0.10.2) sometimes deadlocks: 7
