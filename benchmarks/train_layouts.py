@@ -68,7 +68,7 @@ def main(argv=None):
                    'devices': devices or args.devices, **result})
       print(rows[-1], flush=True)
   base = rows[0].get('tokens_per_second')
-  print(f'\n| layout | devices | tokens/s | vs single device |\n|---|---|---|---|')
+  print('\n| layout | devices | tokens/s | vs single device |\n|---|---|---|---|')
   for r in rows:
     if 'error' in r:
       print(f'| {r["layout"]} | {r["devices"]} | error: {r["error"]} | |')

@@ -243,7 +243,7 @@ def test_captured_attention_equals_recomputed_weights(gpt, random_tokens):
   inter = state['intermediates']
   layer_input = np.asarray(inter['positions']['__call__'][0], np.float64)
   b, t = tokens.shape
-  n, h = cfg.num_heads, cfg.head_size
+  n = cfg.num_heads
   for i in range(cfg.num_decoder_layers):
     layer = f'layers_{i}'
     (captured,) = inter['decoder'][layer]['self_attention']['attention_weights']

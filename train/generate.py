@@ -4,7 +4,6 @@ checkpoint of a training run (GPT continues --prompt; the Transformer rewrites -
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
