@@ -7,6 +7,7 @@ heads: query head n reads key/value head n // (N // K)); masks are booleans broa
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -14,8 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flaxformer_lite import blockwise, fused, layers
 from flaxformer_lite.config import TransformerConfig
-from flaxformer_lite import layers
 
 # Finite stand-in for -inf: keeps softmax free of inf - inf = NaN; fully masked rows are zeroed below.
 _MASKED = jnp.finfo(jnp.float32).min
@@ -80,7 +81,12 @@ def attention_weights(query, key, *, bias=None, mask=None, is_causal=False) -> j
   return jnp.where(mask.any(axis=-1, keepdims=True), weights, 0.0)
 
 
-def _xla_attention(query, key, value, *, bias, mask, is_causal, dropout_rate, dropout_rng):
+def _xla_attention(query, key, value, *, bias=None, mask=None, is_causal=False,
+                   query_seq_lengths=None, key_value_seq_lengths=None, dropout_rate=0.0,
+                   dropout_rng=None):
+  """The reference: the whole `[B, N, T, S]` softmax in memory."""
+  mask = combine_masks(mask, _length_mask(query_seq_lengths, key_value_seq_lengths,
+                                          query.shape[1], key.shape[1]))
   weights = attention_weights(query, key, bias=bias, mask=mask, is_causal=is_causal)
   if dropout_rate > 0.0:
     keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
@@ -92,16 +98,117 @@ def _xla_attention(query, key, value, *, bias, mask, is_causal, dropout_rate, dr
   return out.reshape(b, t, n, h)
 
 
-IMPLEMENTATIONS = {'xla': _xla_attention}
+def _length_mask(query_seq_lengths, key_value_seq_lengths, q_len, kv_len):
+  """`[B, 1, T|1, S|1]` from lengths `[B]` (right padding), or None."""
+  q_valid = None if query_seq_lengths is None else (
+      jnp.arange(q_len)[None, :] < jnp.asarray(query_seq_lengths)[:, None])[:, None, :, None]
+  kv_valid = None if key_value_seq_lengths is None else (
+      jnp.arange(kv_len)[None, :] < jnp.asarray(key_value_seq_lengths)[:, None])[:, None, None, :]
+  return combine_masks(q_valid, kv_valid)
 
 
-def default_implementation(query=None, key=None) -> str:
-  """The backend `implementation=None` resolves to for these inputs."""
-  return 'xla'
+def _blockwise_attention(query, key, value, **kwargs):
+  return blockwise.blockwise_attention(query, key, value, **kwargs)
+
+
+def _cudnn_attention(query, key, value, *, dropout_rate, dropout_rng, mask, **kwargs):
+  del dropout_rate, dropout_rng, mask  # refused by why_not_cudnn
+  return fused.cudnn_attention(query, key, value, **kwargs)
+
+
+def _pallas_attention(query, key, value, *, is_causal, **unused):
+  del unused  # bias, masks, lengths and dropout are refused by why_not_pallas
+  return fused.pallas_attention(query, key, value, is_causal=is_causal)
+
+
+# name -> (function, why_not(call) -> reason or None).
+IMPLEMENTATIONS = {
+    'xla': (_xla_attention, lambda call: None),
+    'blockwise': (_blockwise_attention, lambda call: None),
+    'cudnn': (_cudnn_attention, fused.why_not_cudnn),
+    'pallas': (_pallas_attention, fused.why_not_pallas),
+}
+
+# Where `implementation=None` switches from 'xla' to 'blockwise': query length x key length, per
+# platform. CPU: measured by `python -m benchmarks.attention` (results/attention-cpu.json).
+# GPU/TPU: not measured here yet; chosen so that xla's float32 `[B, N, T, S]` logits stay small.
+BLOCKWISE_FROM = {'cpu': 128 * 128, 'gpu': 2048 * 2048, 'tpu': 2048 * 2048}
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionCall:
+  """The facts about one attention call that decide which backends can compute it."""
+  platform: str
+  dtype: str
+  batch: int
+  q_len: int
+  kv_len: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  bias_shape: tuple | None = None
+  mask_shape: tuple | None = None
+  is_causal: bool = False
+  dropout: bool = False
+  seq_lengths: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+  """The backend `dot_product_attention` uses for a call, and why."""
+  implementation: str
+  reason: str
+
+  def __str__(self):
+    return f'{self.implementation}: {self.reason}'
+
+
+def explain(query, key, *, bias=None, mask=None, is_causal=False, dropout_rate=0.0,
+            query_seq_lengths=None, key_value_seq_lengths=None, implementation=None) -> Choice:
+  """Which backend `dot_product_attention` would use for these arguments, and the reason.
+
+  Raises ValueError when `implementation` is named but cannot compute the call exactly.
+  """
+  call = AttentionCall(
+      platform=jax.default_backend(), dtype=jnp.dtype(query.dtype).name, batch=query.shape[0],
+      q_len=query.shape[1], kv_len=key.shape[1], num_heads=query.shape[2],
+      num_kv_heads=key.shape[2], head_dim=query.shape[3],
+      bias_shape=None if bias is None else tuple(jnp.shape(bias)),
+      mask_shape=None if mask is None else tuple(jnp.shape(mask)), is_causal=bool(is_causal),
+      dropout=dropout_rate > 0.0,
+      seq_lengths=query_seq_lengths is not None or key_value_seq_lengths is not None)
+  if implementation is not None:
+    if implementation not in IMPLEMENTATIONS:
+      raise ValueError(f'implementation={implementation!r} is not one of '
+                       f'{[None, *IMPLEMENTATIONS]}')
+    reason = IMPLEMENTATIONS[implementation][1](call)
+    if reason is not None:
+      raise ValueError(f'implementation={implementation!r} cannot compute this call: {reason}')
+    return Choice(implementation, 'asked for by name')
+  return _choose(call)
+
+
+def _choose(call: AttentionCall) -> Choice:
+  for name, why in (('cudnn', 'cuDNN flash attention: fused kernel, O(T) memory'),
+                    ('pallas', 'the Pallas flash-attention kernel: fused, O(T) memory')):
+    if IMPLEMENTATIONS[name][1](call) is None:
+      return Choice(name, why)
+  threshold = BLOCKWISE_FROM.get(call.platform, BLOCKWISE_FROM['gpu'])
+  size = f'q_len x kv_len = {call.q_len} x {call.kv_len}'
+  if call.q_len * call.kv_len >= threshold:
+    return Choice('blockwise', f'{size} >= {threshold} on {call.platform}: online softmax over '
+                  'key blocks, O(T) memory' + (', causal tiles skipped' if call.is_causal else ''))
+  return Choice('xla', f'{size} < {threshold} on {call.platform}: the whole softmax is small')
+
+
+def default_implementation(query, key, **kwargs) -> str:
+  """The backend `implementation=None` resolves to for these inputs (see `explain`)."""
+  return explain(query, key, **kwargs).implementation
 
 
 def dot_product_attention(query, key, value, *, bias=None, mask=None, is_causal=False,
-                          implementation=None, dropout_rate=0.0, dropout_rng=None) -> jax.Array:
+                          implementation=None, dropout_rate=0.0, dropout_rng=None,
+                          query_seq_lengths=None, key_value_seq_lengths=None) -> jax.Array:
   """softmax(q k^T / sqrt(H) + bias) v, softmax in float32.
 
   Args:
@@ -109,23 +216,25 @@ def dot_product_attention(query, key, value, *, bias=None, mask=None, is_causal=
     key, value: `[B, S, K, H]`, K divides N.
     bias: additive, broadcastable to `[B, N, T, S]`.
     mask: boolean, broadcastable to `[B, N, T, S]`, True = may attend.
-    is_causal: also apply `make_causal_mask(T, S)`.
-    implementation: None (best for the platform), 'xla' (reference), 'blockwise', 'cudnn'.
+    is_causal: also apply `make_causal_mask(T, S)` (query i sees keys j <= i).
+    implementation: None (the best for the platform and the call: see `explain`), 'xla' (the
+      reference), 'blockwise' (memory-efficient, any platform), 'cudnn' (NVIDIA GPUs),
+      'pallas' (GPU and TPU kernels).
     dropout_rate, dropout_rng: attention dropout on the weights (training only).
+    query_seq_lengths, key_value_seq_lengths: int `[B]`; positions at or past them are padding
+      (as in `jax.nn.dot_product_attention`).
   Returns:
     `[B, T, N, H]` in query's dtype. A query row that may attend to nothing gives zeros.
   """
   _check_shapes(query, key, value)
   if dropout_rate > 0.0 and dropout_rng is None:
     raise ValueError(f'dropout_rate={dropout_rate} needs a dropout_rng')
-  if implementation is None:
-    implementation = default_implementation(query, key)
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f'implementation={implementation!r} is not available; expected one of '
-                     f'{[None, *IMPLEMENTATIONS]}')
-  out = IMPLEMENTATIONS[implementation](query, key, value, bias=bias, mask=mask,
-                                        is_causal=is_causal, dropout_rate=dropout_rate,
-                                        dropout_rng=dropout_rng)
+  options = dict(bias=bias, mask=mask, is_causal=is_causal, query_seq_lengths=query_seq_lengths,
+                 key_value_seq_lengths=key_value_seq_lengths)
+  choice = explain(query, key, dropout_rate=dropout_rate, implementation=implementation,
+                   **options)
+  function = IMPLEMENTATIONS[choice.implementation][0]
+  out = function(query, key, value, dropout_rate=dropout_rate, dropout_rng=dropout_rng, **options)
   return out.astype(query.dtype)
 
 
@@ -154,11 +263,14 @@ class MultiHeadAttention(nn.Module):
   config: TransformerConfig
 
   @nn.compact
-  def __call__(self, x, context=None, *, mask=None, positions=None, decode=False,
-               deterministic=True, capture_attention=False):
+  def __call__(self, x, context=None, *, mask=None, is_causal=False, positions=None,
+               decode=False, deterministic=True, capture_attention=False):
     """x `[B, T, D]`, context `[B, S, D]` (None: self-attention) -> `[B, T, D]`.
 
-    `mask` is boolean `[B|1, 1|N, T, S]`; `positions [B, T]` feed rotary embeddings and the cache.
+    `mask` is boolean `[B|1, 1|N, T|1, S]` (a key-padding mask `[B, 1, 1, S]` keeps memory
+    linear in the length for the blockwise backend); `is_causal` adds the causal mask, except
+    while decoding, where the cache builds its own. `positions [B, T]` feed rotary embeddings and
+    the cache.
     """
     cfg = self.config
     n, k, h = cfg.num_heads, cfg.kv_heads, cfg.head_size
@@ -189,15 +301,17 @@ class MultiHeadAttention(nn.Module):
         raise ValueError('decode=True caches self-attention only; cross-attention keys come '
                          'from the encoder output')
       key, value, mask = self._update_cache(key, value, positions)
-
+      is_causal = False  # the cache's mask holds causality
     dropout_rng = None
     dropout_rate = 0.0 if deterministic else cfg.attention_dropout_rate
     if dropout_rate > 0.0:
       dropout_rng = self.make_rng('dropout')
-    out = dot_product_attention(query, key, value, mask=mask, implementation=cfg.attention_impl,
-                                dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+    out = dot_product_attention(query, key, value, mask=mask, is_causal=is_causal,
+                                implementation=cfg.attention_impl, dropout_rate=dropout_rate,
+                                dropout_rng=dropout_rng)
     if capture_attention:
-      self.sow('intermediates', 'attention_weights', attention_weights(query, key, mask=mask))
+      self.sow('intermediates', 'attention_weights',
+               attention_weights(query, key, mask=mask, is_causal=is_causal))
     return dense(cfg.d_model, ('heads', 'head_dim', 'embed'), axis=(-2, -1), name='out')(out)
 
   def _update_cache(self, key, value, positions):

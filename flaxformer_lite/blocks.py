@@ -27,7 +27,7 @@ class EncoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x, mask, positions, deterministic=True, capture_attention=False):
-    """x `[B, T, D]`, mask boolean `[B|1, 1, T, T]`, positions `[B, T]` -> `[B, T, D]`."""
+    """x `[B, T, D]`, mask boolean `[B|1, 1, T|1, T]`, positions `[B, T]` -> `[B, T, D]`."""
     cfg = self.config
     drop = nn.Dropout(cfg.dropout_rate)
     attn = MultiHeadAttention(cfg, name='self_attention')
@@ -52,13 +52,15 @@ class DecoderLayer(nn.Module):
   @nn.compact
   def __call__(self, x, encoded, self_mask, cross_mask, positions, deterministic=True,
                decode=False, capture_attention=False):
-    """x `[B, T, D]`, encoded `[B, S, D]` or None, masks boolean `[B|1, 1, T, T|S]` -> `[B, T, D]`."""
+    """x `[B, T, D]`, encoded `[B, S, D]` or None, masks boolean `[B|1, 1, T|1, T|S]` (the self-
+    attention is causal besides) -> `[B, T, D]`."""
     cfg = self.config
     drop = nn.Dropout(cfg.dropout_rate)
     self_attn = MultiHeadAttention(cfg, name='self_attention')
     x = residual(
-        cfg, x, lambda h: self_attn(h, mask=self_mask, positions=positions, decode=decode,
-                               deterministic=deterministic, capture_attention=capture_attention),
+        cfg, x, lambda h: self_attn(h, mask=self_mask, is_causal=True, positions=positions,
+                               decode=decode, deterministic=deterministic,
+                               capture_attention=capture_attention),
         layers.norm(cfg, 'norm_self_attention'), drop, deterministic)
     if encoded is not None:
       cross_attn = MultiHeadAttention(cfg, name='cross_attention')

@@ -11,7 +11,7 @@ ACTIVATIONS = ('relu', 'gelu', 'gelu_tanh', 'swiglu')
 NORMS = ('layernorm', 'rmsnorm')
 NORM_POSITIONS = ('post', 'pre')
 POSITIONS = ('sinusoidal', 'learned', 'rotary')
-ATTENTION_IMPLS = (None, 'xla', 'blockwise', 'cudnn')
+ATTENTION_IMPLS = (None, 'xla', 'blockwise', 'cudnn', 'pallas')
 REMAT_POLICIES = ('none', 'full', 'dots_saveable')
 
 

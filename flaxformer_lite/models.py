@@ -8,7 +8,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxformer_lite import layers
-from flaxformer_lite.attention import make_causal_mask, make_padding_mask, combine_masks
 from flaxformer_lite.blocks import DecoderLayer, EncoderLayer, LayerStack
 from flaxformer_lite.config import TransformerConfig
 
@@ -27,6 +26,15 @@ def check_tokens(tokens, cfg: TransformerConfig, name: str = 'tokens') -> None:
     if low < 0 or high >= cfg.vocab_size:
       bad = low if low < 0 else high
       raise ValueError(f'{name} holds id {bad}, outside the vocabulary [0, {cfg.vocab_size})')
+
+
+def key_mask(valid: jax.Array) -> jax.Array:
+  """`[B, 1, 1, S]` from `valid [B, S]`: pad tokens are never attended to.
+
+  Queries are not masked (a pad token's own output is never read by a real one), so the mask
+  stays `O(B * S)`: the blockwise backend then never builds a `[T, S]` array.
+  """
+  return valid[:, None, None, :]
 
 
 def token_positions(valid: jax.Array) -> jax.Array:
@@ -90,7 +98,7 @@ class GPT(nn.Module):
       mask = None  # the cache builds its own mask from the positions
     else:
       positions = token_positions(valid)
-      mask = combine_masks(make_causal_mask(tokens.shape[1]), make_padding_mask(valid))
+      mask = key_mask(valid)
     embed = layers.Embed(cfg, name='embed')
     x = layers.AddPositions(cfg, name='positions')(embed(tokens), positions)
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
@@ -126,7 +134,7 @@ class Transformer(nn.Module):
     positions = token_positions(valid)
     x = self.encoder_positions(self.embed(src_tokens), positions)
     x = self.dropout(x, deterministic=deterministic)
-    return self.encoder(x, (make_padding_mask(valid), positions),
+    return self.encoder(x, (key_mask(valid), positions),
                         (deterministic, capture_attention))
 
   def decode(self, encoded, src_tokens, tgt_tokens, *, deterministic=True, decode=False,
@@ -142,12 +150,10 @@ class Transformer(nn.Module):
     if decode:
       positions = self.decode_position(tgt_valid)
       self_mask = None
-      cross_mask = src_valid[:, None, None, :]
     else:
       positions = token_positions(tgt_valid)
-      self_mask = combine_masks(make_causal_mask(tgt_tokens.shape[1]),
-                                make_padding_mask(tgt_valid))
-      cross_mask = make_padding_mask(tgt_valid, src_valid)
+      self_mask = key_mask(tgt_valid)
+    cross_mask = key_mask(src_valid)
     x = self.decoder_positions(self.embed(tgt_tokens), positions)
     x = self.dropout(x, deterministic=deterministic)
     x = self.decoder(x, (encoded, self_mask, cross_mask, positions),
@@ -230,7 +236,7 @@ class BertEncoder(nn.Module):
     x = self.positions(self.embed(tokens), positions)
     x = x + jnp.take(jnp.asarray(self.token_types, cfg.dtype), token_types, axis=0)
     x = self.dropout(self.embed_norm(x), deterministic=deterministic)
-    hidden = self.encoder(x, (make_padding_mask(tokens != cfg.pad_id), positions),
+    hidden = self.encoder(x, (key_mask(tokens != cfg.pad_id), positions),
                           (deterministic, capture_attention))
     if self.is_initializing():
       self.pool(hidden)  # the pooler belongs to the backbone's parameters, as in BERT

@@ -169,7 +169,9 @@ def test_dropout_matches_reference_with_the_same_keep_mask():
   q, k, v, mask = (case[n] for n in ('q', 'k', 'v', 'mask'))
   rng = jax.random.key(42)
   rate = 0.5
-  out = dot_product_attention(q, k, v, mask=mask, dropout_rate=rate, dropout_rng=rng)
+  # The xla backend draws one keep mask for the whole [B, N, T, S] (blockwise draws per tile).
+  out = dot_product_attention(q, k, v, mask=mask, dropout_rate=rate, dropout_rng=rng,
+                              implementation='xla')
   b, t, n, _ = q.shape
   keep = np.asarray(jax.random.bernoulli(rng, 1.0 - rate, (b, n, t, k.shape[1])))
   expected, _ = reference_attention(q, k, v, mask=mask, keep=keep, rate=rate)
@@ -177,10 +179,11 @@ def test_dropout_matches_reference_with_the_same_keep_mask():
   # Dropout really happened: the result is not the dropout-free one.
   assert np.abs(np.asarray(out) - reference_attention(q, k, v, mask=mask)[0]).max() > 0.1
 
-  again = dot_product_attention(q, k, v, mask=mask, dropout_rate=rate, dropout_rng=rng)
+  again = dot_product_attention(q, k, v, mask=mask, dropout_rate=rate, dropout_rng=rng,
+                                implementation='xla')
   np.testing.assert_array_equal(out, again)
   other = dot_product_attention(q, k, v, mask=mask, dropout_rate=rate,
-                                dropout_rng=jax.random.key(43))
+                                dropout_rng=jax.random.key(43), implementation='xla')
   assert np.abs(np.asarray(out) - np.asarray(other)).max() > 0.1
 
 
