@@ -93,6 +93,11 @@ def why_not_pallas(call) -> str | None:
   for name, length in (('q_len', call.q_len), ('kv_len', call.kv_len)):
     if length > PALLAS_BLOCK and length % PALLAS_BLOCK:
       return f'{name}={length} must be a multiple of {PALLAS_BLOCK} (its tile)'
+  if call.platform == 'tpu' and call.kv_len % PALLAS_BLOCK:
+    return f'{kernel} needs kv_len a multiple of {PALLAS_BLOCK} (its lanes), got {call.kv_len}'
+  if call.platform == 'gpu' and call.q_len != call.kv_len:
+    return (f'{kernel} needs q_len == kv_len (its backward pass splits both into the same '
+            f'number of blocks), got {call.q_len} and {call.kv_len}')
   if call.platform == 'gpu' and call.num_kv_heads != call.num_heads:
     # mha indexes key/value blocks by the query head: with fewer kv heads it reads the wrong
     # heads, or past the end, and returns wrong numbers without an error.

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxformer_lite import attention, dot_product_attention, fused, make_padding_mask
+from flaxformer_lite import GPT, attention, blockwise, dot_product_attention, generate, \
+    make_padding_mask
 from flaxformer_lite.blockwise import blockwise_attention
 
 # float32: both sides round the same float32 sums in another order; over <= 45 keys the
@@ -76,10 +77,13 @@ def value_and_grads(fn, q, k, v, kwargs):
   return out, grads
 
 
-def assert_close(ours, ref, tol):
+def assert_close(ours, ref, tol, relative=False):
+  """max |ours - ref| <= tol; with `relative`, tol is per unit of max |ref| (when above 1)."""
   ours, ref = np.asarray(ours, np.float32), np.asarray(ref, np.float32)
   assert ours.shape == ref.shape
   assert np.isfinite(ours).all()
+  if relative:
+    tol = tol * max(1.0, float(np.abs(ref).max()))
   assert np.abs(ours - ref).max() <= tol, f'max abs diff {np.abs(ours - ref).max():.2e} > {tol}'
 
 
@@ -226,3 +230,60 @@ def test_causal_blockwise_skips_the_tiles_above_the_diagonal():
   # What XLA compiles keeps the ratio.
   compiled = {c: low.compile().cost_analysis()['flops'] for c, low in lowered.items()}
   assert compiled[True] <= 0.6 * compiled[False], compiled
+
+
+# ----------------------------------------------------------------------------------------------
+# The models with attention_impl='blockwise' compute what they compute with 'xla'.
+
+MODEL_TOL = 1e-5
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+  """4 x 4 tiles, so that the models' 11-token sequences span three ragged blocks."""
+  monkeypatch.setitem(blockwise.BLOCK_SIZES, jax.default_backend(), (4, 4))
+
+
+def _logits_and_grads(model, params, inputs, method=None):
+  def loss(params):
+    logits = model.apply({'params': params}, *inputs, method=method)
+    cotangent = jnp.cos(jnp.arange(logits.size, dtype=jnp.float32)).reshape(logits.shape)
+    return jnp.sum(logits * cotangent), logits
+  (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+  return logits, grads
+
+
+@pytest.mark.parametrize('kind', ['gpt', 'transformer', 'bert'])
+def test_models_with_blockwise_equal_xla(kind, small_tiles, init_model, random_tokens):
+  model, params = init_model(kind, num_kv_heads=2)
+  tokens = random_tokens(3, (2, 11)).at[1, 7:].set(0)  # row 1 right-padded
+  inputs = (tokens, random_tokens(4, (2, 9)).at[0, 6:].set(0)) if kind == 'transformer' \
+      else (tokens,)
+  method = 'mlm_logits' if kind == 'bert' else None
+  results = {impl: _logits_and_grads(type(model)(model.config.replace(attention_impl=impl)),
+                                     params, inputs, method)
+             for impl in ('xla', 'blockwise')}
+  (logits, grads), (ref_logits, ref_grads) = results['blockwise'], results['xla']
+  assert_close(logits, ref_logits, MODEL_TOL)
+  flat, ref_flat = jax.tree.leaves(grads), jax.tree.leaves(ref_grads)
+  assert len(flat) == len(ref_flat) > 10
+  for g, r in zip(flat, ref_flat):  # embedding gradients reach ~2: 1e-5 per unit of the largest
+    assert_close(g, r, MODEL_TOL, relative=True)
+
+
+def test_gpt_decoding_with_blockwise_equals_xla(small_tiles, init_model, random_tokens):
+  model, params = init_model('gpt')
+  prompt = random_tokens(5, (2, 6)).at[0, :2].set(0)  # row 0 left-padded
+  runs = {}
+  for impl in ('xla', 'blockwise'):
+    m = GPT(model.config.replace(attention_impl=impl))
+    new = generate(m, {'params': params}, prompt, max_new_tokens=7)
+    full = jnp.concatenate([prompt, new], axis=1)
+    cache = m.init(jax.random.key(0), jnp.zeros_like(full), decode=True)['cache']
+    logits, mutated = m.apply({'params': params, 'cache': cache}, full[:, :9], decode=True,
+                              mutable=['cache'])  # a 9-token prefill into a 13-token cache
+    step, _ = m.apply({'params': params, **mutated}, full[:, 9:10], decode=True,
+                      mutable=['cache'])
+    runs[impl] = (new, jnp.concatenate([logits, step], axis=1))
+  np.testing.assert_array_equal(runs['blockwise'][0], runs['xla'][0])
+  assert_close(runs['blockwise'][1], runs['xla'][1], MODEL_TOL)
