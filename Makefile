@@ -1,10 +1,13 @@
 # make test: venv + `pip install -e .[dev]` (again only when pyproject.toml changes), then pytest $(ARGS).
 # make train: venv + the library and the train extras, then `python -m train $(ARGS)`.
+# make bench: venv + the bench extras and the PyTorch peer, then `python -m benchmarks.$(BENCH)`.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test train venv clean
+BENCH ?= attention
+
+.PHONY: test train bench venv clean
 
 # Two workers for two cores; whole files per worker, so each compiles only its own models.
 test: $(VENV)/.installed-dev
@@ -12,6 +15,9 @@ test: $(VENV)/.installed-dev
 
 train: $(VENV)/.installed
 	$(PY) -m train $(ARGS)
+
+bench: $(VENV)/.installed-bench
+	$(PY) -m benchmarks.$(BENCH) $(ARGS)
 
 venv: $(PY)
 
@@ -25,6 +31,10 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 # The dev install brings the runtime deps too, so it satisfies `make train` as well.
 $(VENV)/.installed-dev: pyproject.toml | $(PY)
 	$(PY) -m pip install -e '.[dev]'
+	touch $@ $(VENV)/.installed
+
+$(VENV)/.installed-bench: pyproject.toml | $(PY)
+	$(PY) -m pip install -e '.[bench,torch]'
 	touch $@ $(VENV)/.installed
 
 clean:

@@ -24,8 +24,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-# (block_q, block_k) by platform, chosen with benchmarks/attention.py; override per call.
-BLOCK_SIZES = {'cpu': (256, 256), 'gpu': (128, 128), 'tpu': (512, 512)}
+# (block_q, block_k) by platform; override per call. CPU: the fastest of six tilings in a sweep of
+# causal and full fwd+bwd at T = 512..4096 (the README's benchmark section). GPU/TPU: untuned.
+BLOCK_SIZES = {'cpu': (256, 512), 'gpu': (128, 128), 'tpu': (512, 512)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,11 +68,11 @@ def blockwise_attention(query, key, value, *, bias=None, mask=None, is_causal=Fa
   b, t, n, h = query.shape
   s, k = key.shape[1], key.shape[2]
   default_q, default_k = BLOCK_SIZES.get(jax.default_backend(), BLOCK_SIZES['cpu'])
+  for name, size in (('block_q', block_q), ('block_k', block_k)):
+    if size is not None and (not isinstance(size, int) or size <= 0):
+      raise ValueError(f'{name}={size!r} must be a positive integer')
   block_q = min(block_q or default_q, t)
   block_k = min(block_k or default_k, s)
-  for name, size in (('block_q', block_q), ('block_k', block_k)):
-    if not isinstance(size, int) or size <= 0:
-      raise ValueError(f'{name}={size!r} must be a positive integer')
   static = _Static(t=t, s=s, groups=n // k, block_q=block_q, block_k=block_k,
                    scale=1.0 / math.sqrt(h), is_causal=bool(is_causal),
                    dropout_rate=float(dropout_rate), unroll=bool(unroll),
@@ -170,11 +171,6 @@ def _key_blocks_for(i, st):
   last_query = (i + 1) * st.block_q - 1
   end = last_query // st.block_k + 1
   return min(end, st.nk) if st.unroll else jnp.minimum(end, st.nk)
-
-
-def _first_query_block_for(j, st):
-  """The first query block that may see key block j (causal: the diagonal one)."""
-  return (j * st.block_k) // st.block_q if st.is_causal else 0
 
 
 def _tile_index(tiles, i, j):
@@ -276,7 +272,11 @@ def _reduce_to(x, shape):
 
 
 def _backward(res, d_out, st):
-  """Gradients of q, k, v and bias from the saved output and log-sum-exp, tile by tile."""
+  """Gradients of q, k, v and bias from the saved output and log-sum-exp, tile by tile.
+
+  Query blocks outside (each one's rows are sliced once; dq_i is complete after its inner loop),
+  key blocks inside, with the same causal skipping as the forward pass; dK and dV accumulate.
+  """
   # The barrier keeps XLA from merging the recomputed logits with the forward pass's (unrolled
   # loops make them identical expressions): that would keep every [T, S] tile alive in between.
   q, k, v, bias, mask, q_len, kv_len, rng, out, lse = lax.optimization_barrier(res)
@@ -287,42 +287,45 @@ def _backward(res, d_out, st):
   # transposed once ([H, r]), which XLA:CPU multiplies ~1.4x faster than a transposed operand.
   q_t, d_out_t = jnp.swapaxes(q, -1, -2), jnp.swapaxes(d_out, -1, -2)
 
-  def key_block(j, carry):
-    dq, dk, dv, dbias = carry
-    kj, vj = k[j], v[j]
+  def query_block(i, carry):
+    dq, dk_t, dv_t, dbias = carry
+    qi, qi_t, doi, doi_t, lse_i, delta_i = q[i], q_t[i], d_out[i], d_out_t[i], lse[i], delta[i]
 
-    def query_block(i, inner):
-      dq, dkj_t, dvj_t, dbias = inner
-      s, allowed = _logits(q[i], kj, _tile_index(bias, i, j), _tile_index(mask, i, j), q_len,
+    def key_block(j, inner):
+      dqi, dk_t, dv_t, dbias = inner
+      kj, vj = k[j], v[j]
+      s, allowed = _logits(qi, kj, _tile_index(bias, i, j), _tile_index(mask, i, j), q_len,
                            kv_len, i, j, st)
       # The exact probabilities: 0 where not allowed, and in rows with nothing allowed (lse=inf).
-      p = _masked(jnp.exp(s - lse[i][..., None]), allowed, 0.0)
-      dvj_t = dvj_t + jnp.einsum('bkhr,bkrs->bkhs', d_out_t[i], _dropped(p, rng, i, j, st).astype(
-          st.compute_dtype), preferred_element_type=jnp.float32)
-      dp = _dropped(jnp.einsum('bkrh,bksh->bkrs', d_out[i], vj,
-                               preferred_element_type=jnp.float32), rng, i, j, st)
-      ds = p * (dp - delta[i][..., None])  # gradient of the scaled logits (and of the bias)
+      p = _masked(jnp.exp(s - lse_i[..., None]), allowed, 0.0)
+      p_dropped = _dropped(p, rng, i, j, st).astype(st.compute_dtype)
+      dv_t = dv_t.at[j].add(jnp.einsum('bkhr,bkrs->bkhs', doi_t, p_dropped,
+                                       preferred_element_type=jnp.float32))
+      dp = _dropped(jnp.einsum('bkrh,bksh->bkrs', doi, vj, preferred_element_type=jnp.float32),
+                    rng, i, j, st)
+      ds = p * (dp - delta_i[..., None])  # gradient of the scaled logits (and of the bias)
       if dbias is not None:
         tile = _reduce_to(ds.reshape(ds.shape[0], ds.shape[1], st.block_q, st.groups, -1),
                           dbias.shape[2:])
         bi, bj = (i if dbias.shape[0] > 1 else 0), (j if dbias.shape[1] > 1 else 0)
         dbias = dbias.at[bi, bj].add(tile.astype(dbias.dtype))
       ds = ds.astype(st.compute_dtype)
-      dq = dq.at[i].add(jnp.einsum('bkrs,bksh->bkrh', ds, kj,
-                                   preferred_element_type=jnp.float32) * st.scale)
-      dkj_t = dkj_t + jnp.einsum('bkhr,bkrs->bkhs', q_t[i], ds,
-                                 preferred_element_type=jnp.float32)
-      return dq, dkj_t, dvj_t, dbias
+      dqi = dqi + jnp.einsum('bkrs,bksh->bkrh', ds, kj, preferred_element_type=jnp.float32)
+      dk_t = dk_t.at[j].add(jnp.einsum('bkhr,bkrs->bkhs', qi_t, ds,
+                                       preferred_element_type=jnp.float32))
+      return dqi, dk_t, dv_t, dbias
 
-    zeros = jnp.zeros(jnp.swapaxes(kj, -1, -2).shape, jnp.float32)
-    dq, dkj_t, dvj_t, dbias = _fori(_first_query_block_for(j, st), st.nq, query_block,
-                                    (dq, zeros, zeros, dbias), st.unroll)
-    dk = dk.at[j].set(jnp.swapaxes(dkj_t, -1, -2) * st.scale)
-    return dq, dk, dv.at[j].set(jnp.swapaxes(dvj_t, -1, -2)), dbias
+    zeros = jnp.zeros(qi.shape, jnp.float32)
+    dqi, dk_t, dv_t, dbias = _fori(0, _key_blocks_for(i, st), key_block,
+                                   (zeros, dk_t, dv_t, dbias), st.unroll)
+    return dq.at[i].set(dqi * st.scale), dk_t, dv_t, dbias
 
-  f32 = lambda x: jnp.zeros(x.shape, jnp.float32)
-  init = (f32(q), f32(k), f32(v), None if bias is None else f32(bias))
-  dq, dk, dv, dbias = _fori(0, st.nk, key_block, init, st.unroll)
+  zeros = lambda shape: jnp.zeros(shape, jnp.float32)
+  kv_t_shape = (*k.shape[:3], k.shape[4], k.shape[3])  # [nk, B, K, H, bk]
+  init = (zeros(q.shape), zeros(kv_t_shape), zeros(kv_t_shape),
+          None if bias is None else zeros(bias.shape))
+  dq, dk_t, dv_t, dbias = _fori(0, st.nq, query_block, init, st.unroll)
+  dk, dv = jnp.swapaxes(dk_t, -1, -2) * st.scale, jnp.swapaxes(dv_t, -1, -2)
   dbias = None if bias is None else dbias.astype(bias.dtype)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbias
 

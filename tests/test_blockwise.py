@@ -287,3 +287,60 @@ def test_gpt_decoding_with_blockwise_equals_xla(small_tiles, init_model, random_
     runs[impl] = (new, jnp.concatenate([logits, step], axis=1))
   np.testing.assert_array_equal(runs['blockwise'][0], runs['xla'][0])
   assert_close(runs['blockwise'][1], runs['xla'][1], MODEL_TOL)
+
+
+SHARDED_SCRIPT = r'''
+import json, sys
+import flax.linen as nn, jax, jax.numpy as jnp, numpy as np
+from flaxformer_lite import GPT, TransformerConfig, blockwise, sharding
+blockwise.BLOCK_SIZES['cpu'] = (8, 8)
+assert jax.device_count() == 8
+cfg = TransformerConfig.preset('tiny', vocab_size=64, d_model=32, num_heads=4, num_kv_heads=2,
+                               d_ff=64, max_len=32, dropout_rate=0.0, attention_impl='blockwise')
+model = GPT(cfg)
+tokens = jnp.asarray(np.random.default_rng(0).integers(1, 64, (4, 27)), jnp.int32)
+tokens = tokens.at[1, 20:].set(0)
+boxed = model.init(jax.random.key(0), tokens)
+params = nn.unbox(boxed)['params']
+
+def loss(params, tokens):
+  logits = model.apply({'params': params}, tokens)
+  return jnp.mean(jax.nn.log_softmax(logits)[..., 3] * jnp.cos(logits[..., 5]))
+
+grad = jax.value_and_grad(loss)
+single = jax.jit(grad)(params, tokens)
+mesh = sharding.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})
+with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+  shardings = sharding.mesh_shardings(boxed, mesh)['params']
+  batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(('data', 'fsdp')))
+  sharded = jax.jit(grad, in_shardings=(shardings, batch))(jax.device_put(params, shardings),
+                                                           jax.device_put(tokens, batch))
+diffs = [float(np.abs(np.asarray(a) - np.asarray(b)).max())
+         for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(sharded))]
+qkv = sharded[1]['decoder']['layers_0']['self_attention']['query']['kernel']
+print(json.dumps({'max_diff': max(diffs), 'leaves': len(diffs),
+                  'query_spec': str(qkv.sharding.spec)}))
+'''
+
+
+def test_blockwise_under_a_data_fsdp_tensor_mesh(tmp_path):
+  """A GPT with blockwise attention, grouped heads split over 'tensor', the batch over 'data' and
+  'fsdp': loss and gradients equal the single-device ones (8 fake devices, in a subprocess)."""
+  import json
+  import os
+  import pathlib
+  import subprocess
+  import sys
+  script = tmp_path / 'sharded.py'
+  script.write_text(SHARDED_SCRIPT)
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(pathlib.Path(__file__).parents[1]))
+  env['XLA_FLAGS'] = ' '.join([f for f in env.get('XLA_FLAGS', '').split() if 'device_count' not in
+                               f] + ['--xla_force_host_platform_device_count=8'])
+  env.pop('JAX_NUM_CPU_DEVICES', None)
+  done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
+                        timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  result = json.loads(done.stdout.strip().splitlines()[-1])
+  assert result['leaves'] > 10
+  assert 'tensor' in result['query_spec'], result
+  assert result['max_diff'] <= MODEL_TOL, result
