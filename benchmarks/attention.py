@@ -46,7 +46,7 @@ def parse_args(argv=None):
   p.add_argument('--blocks', nargs='+', default=[], metavar='QxK',
                  help='also time blockwise with these tilings (e.g. 256x512 512x512)')
   p.add_argument('--rounds', type=int, default=5, help='timed calls of each backend')
-  p.add_argument('--max-seconds', type=float, default=2.0,
+  p.add_argument('--max-seconds', type=float, default=5.0,
                  help='a backend slower than this per call stops at that length')
   p.add_argument('--out', type=pathlib.Path, default=None)
   return p.parse_args(argv)

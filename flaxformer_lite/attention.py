@@ -59,6 +59,22 @@ def _check_shapes(query, key, value):
     raise ValueError(f'query heads={n} is not divisible by key/value heads={key.shape[2]}')
 
 
+def _check_extras(query, key, bias, mask, query_seq_lengths, key_value_seq_lengths):
+  """One clear error, whatever the backend, for a mask, bias or lengths of the wrong shape."""
+  b, t, n, _ = query.shape
+  full = (b, n, t, key.shape[1])
+  for name, x in (('mask', mask), ('bias', bias)):
+    shape = None if x is None else tuple(jnp.shape(x))
+    if shape is not None and (len(shape) > 4 or any(
+        d not in (1, f) for d, f in zip(shape[::-1], full[::-1]))):
+      raise ValueError(f'{name} shape {shape} does not broadcast to [batch, heads, q_len, '
+                       f'kv_len] = {list(full)}')
+  for name, x in (('query_seq_lengths', query_seq_lengths),
+                  ('key_value_seq_lengths', key_value_seq_lengths)):
+    if x is not None and tuple(jnp.shape(x)) != (b,):
+      raise ValueError(f'{name} must have shape [batch] = ({b},), got {tuple(jnp.shape(x))}')
+
+
 def attention_weights(query, key, *, bias=None, mask=None, is_causal=False) -> jax.Array:
   """Softmax weights `[B, N, T, S]` in float32; rows with nothing to attend to are all zero."""
   _check_shapes(query, key, key)
@@ -107,10 +123,6 @@ def _length_mask(query_seq_lengths, key_value_seq_lengths, q_len, kv_len):
   return combine_masks(q_valid, kv_valid)
 
 
-def _blockwise_attention(query, key, value, **kwargs):
-  return blockwise.blockwise_attention(query, key, value, **kwargs)
-
-
 def _cudnn_attention(query, key, value, *, dropout_rate, dropout_rng, mask, **kwargs):
   del dropout_rate, dropout_rng, mask  # refused by why_not_cudnn
   return fused.cudnn_attention(query, key, value, **kwargs)
@@ -124,7 +136,7 @@ def _pallas_attention(query, key, value, *, is_causal, **unused):
 # name -> (function, why_not(call) -> reason or None).
 IMPLEMENTATIONS = {
     'xla': (_xla_attention, lambda call: None),
-    'blockwise': (_blockwise_attention, lambda call: None),
+    'blockwise': (blockwise.blockwise_attention, lambda call: None),
     'cudnn': (_cudnn_attention, fused.why_not_cudnn),
     'pallas': (_pallas_attention, fused.why_not_pallas),
 }
@@ -229,6 +241,7 @@ def dot_product_attention(query, key, value, *, bias=None, mask=None, is_causal=
   _check_shapes(query, key, value)
   if dropout_rate > 0.0 and dropout_rng is None:
     raise ValueError(f'dropout_rate={dropout_rate} needs a dropout_rng')
+  _check_extras(query, key, bias, mask, query_seq_lengths, key_value_seq_lengths)
   options = dict(bias=bias, mask=mask, is_causal=is_causal, query_seq_lengths=query_seq_lengths,
                  key_value_seq_lengths=key_value_seq_lengths)
   choice = explain(query, key, dropout_rate=dropout_rate, implementation=implementation,

@@ -176,3 +176,18 @@ def test_the_gpu_kernel_is_wrong_for_grouped_heads_which_the_guard_refuses():
   assert np.abs(np.asarray(wrong) - np.asarray(xla(q, k, v))).max() > 0.1
   assert 'grouped-query' in fused.why_not_pallas(call(q_len=64, kv_len=64, num_heads=4,
                                                       num_kv_heads=2))
+
+
+@pytest.mark.parametrize('implementation', ['xla', 'blockwise', None])
+@pytest.mark.parametrize('extra, match', [
+    ({'mask': jnp.ones((2, 1, 5, 6), bool)}, r'mask shape \(2, 1, 5, 6\) does not broadcast to '
+                                             r'\[batch, heads, q_len, kv_len\] = \[2, 4, 5, 7\]'),
+    ({'bias': jnp.zeros((3, 4, 5, 7))}, r'bias shape \(3, 4, 5, 7\)'),
+    ({'bias': jnp.zeros((1, 1, 1, 2, 5, 7))}, r'bias shape \(1, 1, 1, 2, 5, 7\)'),
+    ({'key_value_seq_lengths': jnp.array([3, 4, 5])}, r'must have shape \[batch\] = \(2,\)'),
+])
+def test_bad_mask_bias_or_lengths_get_one_clear_error(implementation, extra, match):
+  q = jnp.zeros((2, 5, 4, 8))
+  kv = jnp.zeros((2, 7, 4, 8))
+  with pytest.raises(ValueError, match=match):
+    dot_product_attention(q, kv, kv, implementation=implementation, **extra)
