@@ -52,6 +52,9 @@ def _check_shapes(query, key, value):
                      f'{query.shape}, {key.shape}, {value.shape}')
   if key.shape != value.shape:
     raise ValueError(f'key shape {key.shape} != value shape {value.shape}')
+  if 0 in query.shape or 0 in key.shape:
+    raise ValueError(f'query {query.shape} and key {key.shape} must not be empty (an empty batch, '
+                     'length or head dimension)')
   b, _, n, h = query.shape
   if key.shape[0] != b or key.shape[3] != h:
     raise ValueError(f'query {query.shape} and key {key.shape} disagree on batch or head_dim')
@@ -63,6 +66,9 @@ def _check_extras(query, key, bias, mask, query_seq_lengths, key_value_seq_lengt
   """One clear error, whatever the backend, for a mask, bias or lengths of the wrong shape."""
   b, t, n, _ = query.shape
   full = (b, n, t, key.shape[1])
+  if mask is not None and jnp.result_type(mask) != jnp.bool_:
+    raise ValueError(f'mask must be boolean (True = may attend), got dtype '
+                     f'{jnp.result_type(mask)}; pass an additive float mask as bias=')
   for name, x in (('mask', mask), ('bias', bias)):
     shape = None if x is None else tuple(jnp.shape(x))
     if shape is not None and (len(shape) > 4 or any(
@@ -78,6 +84,7 @@ def _check_extras(query, key, bias, mask, query_seq_lengths, key_value_seq_lengt
 def attention_weights(query, key, *, bias=None, mask=None, is_causal=False) -> jax.Array:
   """Softmax weights `[B, N, T, S]` in float32; rows with nothing to attend to are all zero."""
   _check_shapes(query, key, key)
+  _check_extras(query, key, bias, mask, None, None)
   b, t, n, h = query.shape
   s, k = key.shape[1], key.shape[2]
   # Group query heads by the key/value head they read, so no key/value copy is made.

@@ -18,6 +18,8 @@ def check_tokens(tokens, cfg: TransformerConfig, name: str = 'tokens') -> None:
     raise ValueError(f'{name} must be [batch, length]; got shape {tokens.shape}')
   if not jnp.issubdtype(tokens.dtype, jnp.integer):
     raise ValueError(f'{name} must be integer token ids; got dtype {tokens.dtype}')
+  if 0 in tokens.shape:
+    raise ValueError(f'{name} shape {tokens.shape} is empty: batch and length must be positive')
   if tokens.shape[1] > cfg.max_len:
     raise ValueError(f'{name} length {tokens.shape[1]} is longer than max_len={cfg.max_len}')
   if not isinstance(tokens, jax.core.Tracer) and tokens.size:
@@ -166,6 +168,7 @@ class Transformer(nn.Module):
 
     `init(..., decode=True)` sizes the decoder's cache by `tgt_tokens`' length.
     """
+    check_tokens(src_tokens, self.config, 'src_tokens')
     check_tokens(tgt_tokens, self.config, 'tgt_tokens')  # before the encoder runs
     if src_tokens.shape[0] != tgt_tokens.shape[0]:
       raise ValueError(f'src_tokens batch {src_tokens.shape[0]} != tgt_tokens batch '

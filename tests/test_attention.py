@@ -199,12 +199,31 @@ def test_dropout_without_rng_raises():
     ((2, 5, 4, 8), (3, 5, 4, 8), None, 'disagree on batch or head_dim'),
     ((2, 5, 4, 8), (2, 5, 4, 16), None, 'disagree on batch or head_dim'),
     ((2, 5, 4, 8), (2, 5, 3, 8), None, 'heads=4 is not divisible by key/value heads=3'),
+    ((0, 5, 4, 8), (0, 5, 4, 8), None, r'query \(0, 5, 4, 8\) and key \(0, 5, 4, 8\) must not be '
+                                       'empty'),
+    ((2, 5, 4, 8), (2, 0, 4, 8), None, 'must not be empty'),
 ])
 def test_bad_shapes_raise(q_shape, kv_shape, v_shape, match):
   q, k = jnp.zeros(q_shape), jnp.zeros(kv_shape)
   v = jnp.zeros(v_shape or kv_shape)
   with pytest.raises(ValueError, match=match):
     dot_product_attention(q, k, v)
+
+
+@pytest.mark.parametrize('implementation', ['xla', 'blockwise', None])
+def test_float_mask_is_refused_with_a_pointer_to_bias(implementation):
+  case = make_case('none')
+  additive = jnp.where(make_causal_mask(6), 0.0, -1e9)  # what some libraries call a mask
+  with pytest.raises(ValueError, match='mask must be boolean .* got dtype float32; pass an '
+                                       'additive float mask as bias='):
+    dot_product_attention(case['q'], case['k'], case['v'], mask=additive,
+                          implementation=implementation)
+  with pytest.raises(ValueError, match='mask must be boolean'):
+    attention_weights(case['q'], case['k'], mask=additive.astype(jnp.int32))
+  # ... and as bias= it is exactly the causal mask.
+  np.testing.assert_allclose(
+      dot_product_attention(case['q'], case['k'], case['v'], bias=additive),
+      dot_product_attention(case['q'], case['k'], case['v'], is_causal=True), rtol=0, atol=TOL)
 
 
 def test_unknown_implementation_raises():

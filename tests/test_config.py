@@ -116,6 +116,8 @@ BAD_TOKENS = {
     'too_long': (lambda t: jnp.ones((2, 33), jnp.int32), 'length 33 is longer than max_len=32'),
     'negative': (lambda t: t.at[1, 3].set(-1), 'holds id -1, outside the vocabulary [0, 64)'),
     'too_big': (lambda t: t.at[0, 5].set(64), 'holds id 64, outside the vocabulary [0, 64)'),
+    'empty_batch': (lambda t: t[:0], 'shape (0, 8) is empty: batch and length must be positive'),
+    'empty_length': (lambda t: t[:, :0], 'shape (2, 0) is empty'),
 }
 
 
