@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import platform
 import statistics
@@ -146,7 +147,6 @@ def jax_step(fn, shape, dtype, causal, mode):
 
 def available_bytes() -> int:
   if jax.default_backend() == 'cpu':
-    import os
     return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_AVPHYS_PAGES')
   stats = jax.devices()[0].memory_stats() or {}
   return stats.get('bytes_limit', 16 << 30)
@@ -324,7 +324,7 @@ def versions(torch_label) -> dict:
   return {'device': device_name(), 'device_kind': device.device_kind, 'platform': device.platform,
           'jax': jax.__version__, 'flax': flax.__version__, 'torch': torch_label,
           'python': platform.python_version(), 'machine': platform.machine(),
-          'cpu_count': __import__('os').cpu_count()}
+          'cpu_count': os.cpu_count()}
 
 
 def main(argv=None):

@@ -1,6 +1,11 @@
 """The attention backends against the 'xla' reference: outputs and the gradients of query, key,
 value and bias on a grid of masks, shapes and dtypes; dropout; memory and FLOPs."""
 
+import json
+import os
+import pathlib
+import subprocess
+import sys
 import zlib
 
 import jax
@@ -326,11 +331,6 @@ print(json.dumps({'max_diff': max(diffs), 'leaves': len(diffs),
 def test_blockwise_under_a_data_fsdp_tensor_mesh(tmp_path):
   """A GPT with blockwise attention, grouped heads split over 'tensor', the batch over 'data' and
   'fsdp': loss and gradients equal the single-device ones (8 fake devices, in a subprocess)."""
-  import json
-  import os
-  import pathlib
-  import subprocess
-  import sys
   script = tmp_path / 'sharded.py'
   script.write_text(SHARDED_SCRIPT)
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(pathlib.Path(__file__).parents[1]))
