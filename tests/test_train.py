@@ -731,3 +731,22 @@ def test_resume_refuses_changed_run_options(tmp_path):
       ckpts.check(3, 'dates', {'d_model': 32}, {**run, 'batch_size': 16})
   finally:
     ckpts.close()
+
+
+def test_closing_checkpoints_waits_for_the_startup_cleanup(tmp_path, monkeypatch):
+  """orbax starts removing a killed save's tmp folders in a background thread when the manager
+  is built, and its close() does not wait for that: a run that stops early (a refused
+  checkpoint) could exit while the thread still works and print an orbax traceback at
+  interpreter shutdown. Our close() waits for it."""
+  import asyncio
+  from orbax.checkpoint._src.path import temporary_paths
+  from train import checkpoint
+  finished = []
+
+  async def slow_cleanup(*args, **kwargs):
+    await asyncio.sleep(0.5)
+    finished.append(True)
+
+  monkeypatch.setattr(temporary_paths, 'cleanup_temporary_paths', slow_cleanup)
+  checkpoint.Checkpoints(str(tmp_path / 'checkpoints')).close()
+  assert finished == [True]

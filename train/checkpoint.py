@@ -76,6 +76,12 @@ class Checkpoints:
 
   def close(self) -> None:
     self.manager.wait_until_finished()
+    # orbax 0.12 removes leftover tmp folders in a thread started by the constructor, and
+    # neither wait_until_finished() nor close() waits for it: a run that stops early would exit
+    # under it (a traceback at interpreter shutdown). No public API waits for it.
+    await_cleanup = getattr(self.manager, '_maybe_await_cleanup_tmp_directory', None)
+    if await_cleanup is not None:
+      await_cleanup()
     self.manager.close()
 
 
