@@ -26,6 +26,7 @@ import jax
 import numpy as np
 import pytest
 
+from train.workdir import MARKER
 from cli import (BASE, Background, _env, assert_one_error_line, checkpoint_steps,
                  corpus_text, max_logged_step, read_metrics, restore_state, snapshot, train,
                  tsv_text, without_wallclock)
@@ -415,6 +416,7 @@ def _populated_workdir(path: pathlib.Path) -> pathlib.Path:
   (path / 'metrics.jsonl').write_text('{"step": 4, "split": "train", "loss": 5.0}\n')
   (path / 'config.json').write_text('{"task": "text"}\n')
   (path / 'notes.txt').write_text('keep me\n')
+  (path / MARKER).write_text('{}\n')  # a run's workdir, with the user's notes beside it
   return path
 
 
@@ -455,6 +457,7 @@ def _run_bad_input(d: pathlib.Path, files: pathlib.Path) -> dict:
   replace_dir = d / 'workdir-replace'
   replace_dir.mkdir()
   (replace_dir / 'notes.txt').write_text('keep me\n')
+  (replace_dir / MARKER).write_text('{}\n')
   jobs['invalid-utf8-replaced'] = (
       ['--task', 'mlm', '--data', d / 'bad.txt', '--on-bad-bytes', 'replace', '--seq-len', '32',
        '--steps', '2', '--log-every', '1', '--checkpoint-every', '2', '--eval-every', '2', *BASE,
@@ -523,21 +526,16 @@ def test_metrics_log_drops_a_torn_last_line_and_later_steps(tmp_path):
   assert steps == [2, 4, 6]
 
 
-def test_resume_refuses_changed_run_options(tmp_path):
-  import jax.numpy as jnp
-  from train.checkpoint import CheckpointMismatch, Checkpoints
+def test_resume_refuses_changed_run_options():
+  from train.checkpoint import CheckpointMismatch, check
   run = {'seed': 0, 'batch_size': 8, 'learning_rate': 1e-3, 'steps': 10}
-  meta = {'task': 'dates', 'run': run, 'model_config': {'d_model': 32}}
-  ckpts = Checkpoints(str(tmp_path / 'checkpoints'))
-  ckpts.save(3, {'x': jnp.zeros(2)}, meta)
-  ckpts.close()
-  ckpts = Checkpoints(str(tmp_path / 'checkpoints'))
-  try:
-    assert ckpts.check(3, 'dates', {'d_model': 32}, {**run, 'steps': 20})['run'] == run
-    with pytest.raises(CheckpointMismatch, match=r'--batch-size saved 8 vs requested 16'):
-      ckpts.check(3, 'dates', {'d_model': 32}, {**run, 'batch_size': 16})
-  finally:
-    ckpts.close()
+  saved = {'task': 'dates', 'run': run, 'model_config': {'d_model': 32}, 'data': None}
+  check(3, saved, {**saved, 'run': {**run, 'steps': 20}})  # --steps may grow
+  with pytest.raises(CheckpointMismatch, match=r'--batch-size saved 8 vs requested 16'):
+    check(3, saved, {**saved, 'run': {**run, 'batch_size': 16}})
+  with pytest.raises(CheckpointMismatch, match=r'--data a.txt has changed since .* step 3'):
+    check(3, {**saved, 'data': '10 bytes, sha256 ab'},
+          {**saved, 'run': {**run, 'data': 'a.txt'}, 'data': '11 bytes, sha256 cd'})
 
 
 def test_closing_checkpoints_waits_for_the_startup_cleanup(tmp_path, monkeypatch):

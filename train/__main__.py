@@ -2,13 +2,11 @@
 
 import sys
 
-import jax
-
-from train.config import UsageError
-
 
 def init_distributed(coordinator=None, num_processes=None, process_id=None, distributed=False):
   """Joins the other processes before any computation, when asked to."""
+  import jax
+  from train.config import UsageError
   if coordinator or num_processes or process_id is not None:
     if not (coordinator and num_processes and process_id is not None):
       raise UsageError('multi-host needs all of --coordinator HOST:PORT, --num-processes N and '
@@ -22,15 +20,20 @@ def init_distributed(coordinator=None, num_processes=None, process_id=None, dist
 
 
 def main(argv=None) -> int:
-  from train import loop
-  from train.config import from_args
   try:
-    run, distributed = from_args(argv)
-    init_distributed(**distributed)
-    loop.run(run)
-  except UsageError as e:  # bad input: data, options, devices, a mismatched checkpoint
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+    # Imported here: Ctrl-C while JAX loads is caught below too.
+    from train import loop
+    from train.config import UsageError, from_args
+    try:
+      run, distributed = from_args(argv)
+      init_distributed(**distributed)
+      loop.run(run)
+    except UsageError as e:  # bad input: data, options, devices, a mismatched checkpoint
+      print(f'error: {e}', file=sys.stderr)
+      return 2
+  except KeyboardInterrupt:  # before the loop's own handlers are installed
+    print('interrupted before training began; nothing to save', file=sys.stderr)
+    return 130
   return 0
 
 

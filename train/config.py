@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 
 from flaxformer_lite import PRESETS
 
@@ -49,6 +50,7 @@ class RunConfig:
   log_every: int = 50
   examples: int = 8
   on_bad_bytes: str = 'error'
+  on_nan: str = 'stop'
   progress: bool = True
   tokenizer: str = 'byte'
   vocab_size: int = 1024
@@ -66,8 +68,11 @@ class RunConfig:
       if value is not None and value < (0 if name == 'warmup' else 1):
         raise UsageError(f'--{name.replace("_", "-")} {value} must be positive')
     for name, low, high in (('learning_rate', 0.0, None), ('weight_decay', -1e-12, None),
-                            ('clip_norm', 0.0, None), ('label_smoothing', -1e-12, 1.0)):
+                            ('clip_norm', 0.0, None), ('label_smoothing', -1e-12, 1.0),
+                            ('dropout', -1e-12, 1.0)):
       value = getattr(self, name)
+      if value is not None and not math.isfinite(value):  # NaN passes every comparison below
+        raise UsageError(f'--{name.replace("_", "-")} {value} must be a finite number')
       if value is not None and (value <= low or (high is not None and value >= high)):
         bound = f'in [0, {high})' if high else ('>= 0' if low < 0 else '> 0')
         raise UsageError(f'--{name.replace("_", "-")} {value} must be {bound}')
@@ -83,6 +88,8 @@ class RunConfig:
       raise UsageError(f'--parallel {self.parallel!r} is not one of mesh, pmap')
     if self.on_bad_bytes not in ('error', 'replace'):
       raise UsageError(f'--on-bad-bytes {self.on_bad_bytes!r} is not one of error, replace')
+    if self.on_nan not in ('stop', 'skip'):
+      raise UsageError(f'--on-nan {self.on_nan!r} is not one of stop, skip')
     defaults = TASK_DEFAULTS[self.task]
     for name in ('steps', 'batch_size', 'learning_rate', 'warmup'):
       if getattr(self, name) is None:
@@ -117,6 +124,10 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument('--log-every', type=int, default=50)
   p.add_argument('--examples', type=int, default=8, help='example outputs printed at the end')
   p.add_argument('--on-bad-bytes', default='error', help='error (default) or replace')
+  p.add_argument('--on-nan', default='stop', help='a step whose loss or gradient norm is not '
+                 'finite is never applied; stop (default): end the run there, the newest '
+                 'checkpoint being the last good one; skip: skip such steps, counted in '
+                 'metrics.jsonl as skipped')
   p.add_argument('--tokenizer', default='byte', help='byte (default) or sentencepiece: a '
                  'SentencePiece model trained on the training data (text, translate)')
   p.add_argument('--vocab-size', type=int, default=1024, help='SentencePiece vocabulary size')

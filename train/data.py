@@ -8,6 +8,9 @@ step, and a resumed run reads exactly the batches an uninterrupted run would hav
 from __future__ import annotations
 
 import datetime
+import hashlib
+import json
+import os
 import pathlib
 import sysconfig
 
@@ -65,20 +68,44 @@ class SentencePieceTokenizer:
     self.vocab_size = -(-self.processor.vocab_size() // 8) * 8
 
   @classmethod
-  def train_or_load(cls, texts: list[str], model_path: str, vocab_size: int):
-    if not pathlib.Path(model_path).exists():
-      import sentencepiece
-      prefix = model_path[:-len('.model')]
-      try:
-        sentencepiece.SentencePieceTrainer.train(
-            sentence_iterator=iter(t for text in texts for t in text.splitlines() if t.strip()),
-            model_prefix=prefix, vocab_size=vocab_size, model_type='unigram',
-            pad_id=PAD, bos_id=BOS, eos_id=EOS, unk_id=MASK, character_coverage=1.0,
-            num_threads=1, minloglevel=2)
-      except RuntimeError as e:
-        raise DataError(f'cannot train a SentencePiece model of --vocab-size {vocab_size} on '
-                        f'this data: {str(e).splitlines()[-1]}') from None
+  def train_or_load(cls, texts: list[str], model_path: str, vocab_size: int,
+                    data: str | None = None):
+    """Trains on `texts` unless the workdir has this run's model already. The model's options
+    (vocabulary size, a fingerprint of the data) are kept beside it, so a model trained for
+    another run is refused, never reused."""
+    owner_path = model_path[:-len('.model')] + '.json'
+    owner = {'vocab_size': vocab_size, 'data': data}
+    if pathlib.Path(model_path).exists() and pathlib.Path(owner_path).exists():
+      saved = json.loads(pathlib.Path(owner_path).read_text())
+      if saved.get('vocab_size') != vocab_size:
+        raise DataError(f'{model_path} was trained with --vocab-size {saved.get("vocab_size")}, '
+                        f'not {vocab_size}; it belongs to another run: use another --workdir')
+      if saved.get('data') != data:
+        raise DataError(f'{model_path} was trained on other --data ({saved.get("data")}; this '
+                        f'one: {data}); it belongs to another run: use another --workdir')
+    elif not pathlib.Path(model_path).exists():
+      # The options first: a kill before the model lands leaves no model, so it is retrained.
+      from train.workdir import write_json
+      write_json(owner_path, owner)
+      cls._train(texts, model_path, vocab_size)
     return cls(model_path)
+
+  @staticmethod
+  def _train(texts: list[str], model_path: str, vocab_size: int) -> None:
+    import sentencepiece
+    prefix = f'{model_path[:-len(".model")]}.tmp-{os.getpid()}'
+    try:
+      sentencepiece.SentencePieceTrainer.train(
+          sentence_iterator=iter(t for text in texts for t in text.splitlines() if t.strip()),
+          model_prefix=prefix, vocab_size=vocab_size, model_type='unigram',
+          pad_id=PAD, bos_id=BOS, eos_id=EOS, unk_id=MASK, character_coverage=1.0,
+          num_threads=1, minloglevel=2)
+    except RuntimeError as e:
+      raise DataError(f'cannot train a SentencePiece model of --vocab-size {vocab_size} on '
+                      f'this data: {str(e).splitlines()[-1]}') from None
+    # Renamed whole into place: a kill mid-training never leaves half a model behind.
+    os.replace(prefix + '.vocab', model_path[:-len('.model')] + '.vocab')
+    os.replace(prefix + '.model', model_path)
 
   def encode(self, text: str) -> np.ndarray:
     return np.asarray(self.processor.encode(text), np.int32)
@@ -188,12 +215,46 @@ def text_documents(data: str | None, on_bad_bytes: str = 'error') -> list[str]:
   return docs
 
 
-def split_documents(docs: list, every: int = 10) -> tuple[list, list]:
-  """Every `every`-th document is held out for evaluation."""
-  if len(docs) < 2:
-    return docs, docs
-  return ([d for i, d in enumerate(docs) if i % every != every - 1] or docs,
-          [d for i, d in enumerate(docs) if i % every == every - 1] or docs[-1:])
+def split_documents(docs: list, what: str, every: int = 10) -> tuple[list, list]:
+  """Every `every`-th document is held out for evaluation; fewer than `every` is a DataError
+  (holding one out would leave evaluation on training data or nothing to train on)."""
+  if len(docs) < every:
+    raise DataError(f'--data has {len(docs)} {what}; at least {every} are needed, as every '
+                    f'{every}th is held out for evaluation')
+  return ([d for i, d in enumerate(docs) if i % every != every - 1],
+          [d for i, d in enumerate(docs) if i % every == every - 1])
+
+
+def split_text(docs: list[str], every: int = 10) -> tuple[list[str], list[str], str | None]:
+  """(train, held out, a note for the log): documents split as `split_documents` does; with
+  fewer than `every`, the last 1/`every` of the text is held out by position instead."""
+  if len(docs) >= every:
+    return (*split_documents(docs, 'documents', every), None)
+  text = '\n\n'.join(docs)
+  cut = len(text) - max(1, len(text) // every)
+  note = (f'--data has {len(docs)} document(s), fewer than {every}: its last '
+          f'{len(text) - cut:,} of {len(text):,} characters are held out for evaluation')
+  return [text[:cut]], [text[cut:]], note
+
+
+def fingerprint(path: str | None) -> str | None:
+  """Size and SHA-256 of the first and last MiB of --data's files: enough to notice a changed
+  file on resume without reading a large corpus whole."""
+  root = pathlib.Path(path) if path is not None else None
+  if root is None or not root.exists():  # no --data, or a missing one that prepare() reports
+    return None
+  files = sorted(p for p in root.rglob('*') if p.is_file()) if root.is_dir() else [root]
+  digest, size = hashlib.sha256(), 0
+  for f in files:
+    n = f.stat().st_size
+    size += n
+    digest.update(f'{f.relative_to(root) if root.is_dir() else ""}:{n}'.encode())
+    with open(f, 'rb') as handle:
+      digest.update(handle.read(1 << 20))
+      if n > 2 << 20:
+        handle.seek(-(1 << 20), os.SEEK_END)
+        digest.update(handle.read())
+  return f'{size} bytes, sha256 {digest.hexdigest()[:16]}'
 
 
 def token_stream(docs: list[str], tokenizer=ByteTokenizer()) -> np.ndarray:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
 import signal
+import sys
 import time
 
 import jax
@@ -16,7 +16,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from flaxformer_lite import viz
-from train import checkpoint, data, optim, parallel
+from train import checkpoint, data, optim, parallel, workdir
 from train import state as state_lib
 from train.config import RunConfig, UsageError
 from train.metrics import MetricsLog, progress
@@ -37,10 +37,15 @@ class StopRequested:
     self._old = {}
 
   def now(self, step: int) -> str | None:
+    """The signal to stop for at `step`, checked across processes every `every` steps."""
+    if jax.process_count() > 1 and step % self.every:
+      return None
+    return self.requested()
+
+  def requested(self) -> str | None:
+    """The signal to stop for, if any process received one (collective on several)."""
     if jax.process_count() == 1:
       return self.signal
-    if step % self.every:
-      return None
     flags = multihost_utils.process_allgather(np.array(self.signal is not None))
     return (self.signal or 'SIGTERM (on another process)') if flags.any() else None
 
@@ -50,22 +55,15 @@ class StopRequested:
     return self
 
   def _handle(self, signum, frame):
-    self.signal = signal.Signals(signum).name
+    name = signal.Signals(signum).name
+    if self.signal is not None:  # e.g. a second Ctrl-C while the checkpoint is written
+      print(f'{name} again: still stopping; the checkpoint being written is kept (SIGKILL '
+            'would abandon it)', file=sys.stderr)
+    self.signal = name
 
   def __exit__(self, *exc):
     for sig, handler in self._old.items():
       signal.signal(sig, handler)
-
-
-def check_workdir(workdir: str) -> None:
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f'.write-test-{jax.process_index()}')
-    with open(probe, 'w') as f:
-      f.write('ok')
-    os.remove(probe)
-  except OSError as e:
-    raise UsageError(f'--workdir {workdir}: not writable ({e.strerror})') from None
 
 
 @dataclasses.dataclass
@@ -79,6 +77,12 @@ class Setup:
   layout: parallel.Layout
   abstract_state: object
   shardings: object
+  data_fingerprint: str | None = None
+
+  def meta(self) -> dict:
+    """What a checkpoint (and config.json) says of the run it belongs to."""
+    return {'task': self.run.task, 'run': dataclasses.asdict(self.run),
+            'model_config': self.model_config.to_dict(), 'data': self.data_fingerprint}
 
   @property
   def model_config(self):
@@ -86,9 +90,11 @@ class Setup:
 
 
 def build(run: RunConfig) -> Setup:
+  fingerprint = data.fingerprint(run.data)
   task = TASKS[run.task](name=run.task, seed=run.seed, seq_len=run.seq_len, data_path=run.data,
                          on_bad_bytes=run.on_bad_bytes, tokenizer_name=run.tokenizer,
-                         vocab_size=run.vocab_size, workdir=run.workdir)
+                         vocab_size=run.vocab_size, workdir=run.workdir,
+                         data_fingerprint=fingerprint)
   task.prepare()
   overrides = {'dtype': jnp.dtype(run.dtype)}
   if run.dropout is not None:
@@ -108,27 +114,26 @@ def build(run: RunConfig) -> Setup:
       functools.partial(state_lib.create, model, task, tx, run.seed, dummy))
   boxed = state_lib.abstract_boxed_params(model, task, run.seed, dummy)
   shardings = parallel.state_shardings(layout, tx, abstract_state, boxed)
-  return Setup(run, task, model, tx, learning_rate, layout, abstract_state, shardings)
+  return Setup(run, task, model, tx, learning_rate, layout, abstract_state, shardings,
+               fingerprint)
 
 
 def restore_or_create(setup: Setup, ckpts: checkpoint.Checkpoints):
-  """The newest checkpoint, restored straight into the layout's shardings, or a new state.
-
-  A checkpoint saved under another mesh (or device count) restores under this one.
-  """
-  latest = ckpts.latest_step()
-  if latest is None:
+  """(state, step): the newest checkpoint that restores, straight into the layout's shardings,
+  or a new state at step 0. A checkpoint saved under another mesh (or device count) restores
+  under this one; damaged newer ones are moved aside."""
+  newest = ckpts.restore_newest(checkpoint.abstract(setup.abstract_state, setup.shardings),
+                                setup.meta())
+  if newest is None:
     create = functools.partial(state_lib.create, setup.model, setup.task, setup.tx,
                                setup.run.seed, setup.task.dummy_batch(setup.run.batch_size))
     with setup.layout.context():
-      state = jax.jit(create, out_shardings=setup.shardings)()
+      state, start = jax.jit(create, out_shardings=setup.shardings)(), 0
   else:
-    ckpts.check(latest, setup.run.task, setup.model_config.to_dict(),
-                dataclasses.asdict(setup.run))
-    state, _ = ckpts.restore(latest, checkpoint.abstract(setup.abstract_state, setup.shardings))
+    start, state = newest
   if setup.layout.kind == 'pmap':
     state = parallel.put_state(state, setup.layout, setup.shardings)
-  return state
+  return state, start
 
 
 def evaluate(setup: Setup, eval_step, params, batches) -> dict:
@@ -144,29 +149,52 @@ def evaluate(setup: Setup, eval_step, params, batches) -> dict:
   return result
 
 
-def run(run: RunConfig) -> dict:
+class Diverged(UsageError):
+  """A non-finite loss or gradient norm under --on-nan stop: one line, exit 2."""
+
+
+def run(run: RunConfig) -> dict | None:
   """Trains (or resumes) as `run` says; returns the final evaluation (None if stopped by a
-  signal, after saving a checkpoint)."""
-  check_workdir(run.workdir)
-  setup = build(run)
-  is_main = jax.process_index() == 0
-  ckpts = checkpoint.Checkpoints(os.path.join(run.workdir, 'checkpoints'), run.keep_checkpoints)
-  try:
-    state = restore_or_create(setup, ckpts)
-    start = int(parallel.unreplicate(state, setup.layout).step)
-    meta = {'task': run.task, 'run': dataclasses.asdict(run),
-            'model_config': setup.model_config.to_dict()}
-    if is_main:
-      with open(os.path.join(run.workdir, 'config.json'), 'w') as f:
-        json.dump(meta, f, indent=2)
-    log = MetricsLog(run.workdir, start, enabled=is_main)
-    result = _train(setup, state, start, ckpts, log, meta)
-  finally:
-    ckpts.close()
-  return result
+  signal, after saving a checkpoint).
+
+  Signals are caught from the start: Ctrl-C while data loads or the step compiles stops cleanly
+  too, and a second one while the last checkpoint is written waits for it.
+  """
+  with StopRequested(every=run.log_every) as stop, workdir.claimed(run.workdir):
+    setup = build(run)
+    ckpts = checkpoint.Checkpoints(os.path.join(run.workdir, 'checkpoints'), run.keep_checkpoints)
+    try:
+      state, start = restore_or_create(setup, ckpts)
+      if jax.process_index() == 0:
+        workdir.write_json(os.path.join(run.workdir, 'config.json'), setup.meta())
+      log = MetricsLog(run.workdir, start, enabled=jax.process_index() == 0)
+      return _train(setup, state, start, ckpts, log, stop)
+    finally:
+      ckpts.close()
 
 
-def _train(setup: Setup, state, start: int, ckpts, log: MetricsLog, meta: dict) -> dict:
+def _stopped_early(stop: StopRequested, start: int) -> bool:
+  signal_name = stop.requested()
+  if signal_name and jax.process_index() == 0:
+    print(f'{signal_name}: stopped before training {"resumed" if start else "began"}; nothing '
+          'new to save')
+  return signal_name is not None
+
+
+def _check_finite(setup: Setup, step: int, metrics, last_saved: int | None) -> None:
+  """Under --on-nan stop, raises Diverged when step `step` was not applied (non-finite)."""
+  if setup.run.on_nan != 'stop':
+    return
+  m = jax.device_get(parallel.unreplicate(metrics, setup.layout))
+  if m['skipped']:
+    newest = f'step {last_saved}' if last_saved else 'none'
+    raise Diverged(f'step {step}: the loss is {float(m["loss"])} and the gradient norm '
+                   f'{float(m["grad_norm"])}; training stopped without applying it (newest '
+                   f'checkpoint: {newest}); lower --learning-rate, or pass --on-nan skip to '
+                   'skip such steps')
+
+
+def _train(setup: Setup, state, start: int, ckpts, log: MetricsLog, stop) -> dict | None:
   run, task, model = setup.run, setup.task, setup.model
   layout = setup.layout
   train_step = make_train_step(model, task, setup.tx, label_smoothing=run.label_smoothing,
@@ -178,39 +206,44 @@ def _train(setup: Setup, state, start: int, ckpts, log: MetricsLog, meta: dict) 
   eval_batches = [{k: v[rows] for k, v in b.items()} for b in task.eval_batches(run.batch_size)]
   batches = data.prefetch(data.batched(task.train_examples(), run.batch_size, rows), start)
   is_main = jax.process_index() == 0
+  if _stopped_early(stop, start):
+    return None
   if start:
     print(f'resuming from step {start}')
   bar = progress(start, run.steps, enabled=run.progress and is_main)
-  window_start, window_tokens, final = time.perf_counter(), 0.0, None
-  with StopRequested(every=run.log_every) as stop:
-    for step in range(start, run.steps):
-      with layout.context():
-        state, metrics = train_step(state, parallel.put_batch(next(batches), layout))
-      window_tokens = window_tokens + metrics['tokens']  # stays on device: no sync per step
-      done = step + 1
-      bar.update(1)
-      if done % run.log_every == 0 or done == run.steps:
-        m = jax.device_get(parallel.unreplicate(metrics, layout))  # one host sync per window
-        tps = float(np.max(window_tokens)) / max(time.perf_counter() - window_start, 1e-9)
-        log.write(done, 'train', loss=m['loss'], accuracy=m['accuracy'],
-                  grad_norm=m['grad_norm'], learning_rate=m['learning_rate'],
-                  tokens_per_second=tps)
-        bar.set_postfix(loss=f'{float(m["loss"]):.3f}', tok_s=f'{tps:,.0f}')
-        window_start, window_tokens = time.perf_counter(), 0.0
-      stopping = stop.now(done)
-      # Save before evaluating: an evaluation that fails or is killed loses no training.
-      if stopping or done % run.checkpoint_every == 0 or done == run.steps:
-        ckpts.save(done, parallel.unreplicate(state, layout), meta)
-      if stopping:
-        bar.close()
-        if is_main:
-          print(f'{stopping}: saved a checkpoint at step {done}; rerun the same command to '
-                'resume')
-        return None
-      if done % run.eval_every == 0 or done == run.steps:
-        final = _evaluate_all(setup, eval_step, state, eval_batches,
-                              run.examples if done == run.steps else 0)
-        log.write(done, 'eval', **final[0])
+  window_start, window, final = time.perf_counter(), None, None
+  last_saved, previous = (start or None), None
+  for step in range(start, run.steps):
+    with layout.context():
+      state, metrics = train_step(state, parallel.put_batch(next(batches), layout))
+    if previous is not None:  # the step before, which has finished: this one keeps the device busy
+      _check_finite(setup, *previous, last_saved)
+    done, previous = step + 1, (step + 1, metrics)
+    # Summed on the device: no host sync per step.
+    counts = {'tokens': metrics['tokens'], 'skipped': metrics['skipped']}
+    window = counts if window is None else jax.tree.map(jnp.add, window, counts)
+    bar.update(1)
+    if done % run.log_every == 0 or done == run.steps:
+      _log_window(setup, log, bar, done, metrics, window, time.perf_counter() - window_start)
+      window_start, window = time.perf_counter(), None
+    stopping = stop.now(done)
+    # Save before evaluating: an evaluation that fails or is killed loses no training.
+    if stopping or done % run.checkpoint_every == 0 or done == run.steps:
+      _check_finite(setup, done, metrics, last_saved)  # a skipped step is never saved (stop)
+      previous = None
+      ckpts.save(done, parallel.unreplicate(state, layout), setup.meta())
+      last_saved = done
+    if stopping:
+      ckpts.wait()  # "saved" means committed: a rerun will find it
+      bar.close()
+      if is_main:
+        print(f'{stopping}: saved a checkpoint at step {done}; rerun the same command to '
+              'resume')
+      return None
+    if done % run.eval_every == 0 or done == run.steps:
+      final = _evaluate_all(setup, eval_step, state, eval_batches,
+                            run.examples if done == run.steps else 0)
+      log.write(done, 'eval', **final[0])
   bar.close()
   if final is None:  # resumed a run that had already finished
     final = _evaluate_all(setup, eval_step, state, eval_batches, run.examples)
@@ -218,6 +251,21 @@ def _train(setup: Setup, state, start: int, ckpts, log: MetricsLog, meta: dict) 
   _report(setup, parallel.unreplicate(state, layout), result, lines, is_main)
   log.close()
   return result
+
+
+def _log_window(setup: Setup, log: MetricsLog, bar, done: int, metrics, window, seconds: float):
+  """One metrics.jsonl line for the steps since the last: the last step's figures, the
+  window's tokens/s and its count of skipped (non-finite) steps."""
+  m, window = jax.device_get(parallel.unreplicate((metrics, window), setup.layout))
+  tps = float(np.max(window['tokens'])) / max(seconds, 1e-9)
+  skipped = float(np.max(window['skipped']))
+  log.write(done, 'train', loss=m['loss'], accuracy=m['accuracy'], grad_norm=m['grad_norm'],
+            learning_rate=m['learning_rate'], tokens_per_second=tps,
+            skipped=skipped if setup.run.on_nan == 'skip' else None)
+  postfix = dict(loss=f'{float(m["loss"]):.3f}', tok_s=f'{tps:,.0f}')
+  if skipped:
+    postfix['skipped'] = int(skipped)
+  bar.set_postfix(**postfix)
 
 
 def _evaluate_all(setup: Setup, eval_step, state, eval_batches, n_examples: int):

@@ -3,9 +3,23 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import tqdm
+
+from train.workdir import write_atomic
+
+
+def _step_of(line: str) -> int | None:
+  """The step of one of our records, or None for anything else (the torn last line of a run
+  killed while appending it, a line that is not ours)."""
+  try:
+    record = json.loads(line)
+  except json.JSONDecodeError:
+    return None
+  step = record.get('step') if isinstance(record, dict) else None
+  return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
 class MetricsLog:
@@ -25,14 +39,11 @@ class MetricsLog:
     if os.path.exists(self.path):
       with open(self.path) as f:
         for line in f:
-          try:
-            record = json.loads(line)
-          except json.JSONDecodeError:  # the last line of a run killed while appending it
-            continue
-          if record['step'] <= resume_step:
-            kept.append(line)
-    with open(self.path, 'w') as f:
-      f.writelines(kept)
+          step = _step_of(line)
+          if step is not None and step <= resume_step:
+            kept.append(line.rstrip('\n') + '\n')
+    # The kept lines replace the file whole: a kill here leaves the old file or the new one.
+    write_atomic(self.path, ''.join(kept))
     from tensorboardX import SummaryWriter
     self.writer = SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
@@ -43,7 +54,8 @@ class MetricsLog:
       with open(self.path, 'a') as f:
         f.write(json.dumps(record) + '\n')
       for k, v in record.items():
-        if k not in ('step', 'split'):
+        # A NaN is written to metrics.jsonl as it is; TensorBoard would only warn about it.
+        if k not in ('step', 'split') and math.isfinite(v):
           self.writer.add_scalar(f'{split}/{k}', v, step)
     return record
 

@@ -46,15 +46,23 @@ def make_train_step(model, task, tx, *, label_smoothing: float, learning_rate_fn
       grads, sums = jax.lax.psum((grads, sums), axis_name)
     total = jnp.maximum(sums['weight'], 1.0)
     grads = jax.tree.map(lambda g: g / total, grads)
+    grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    # A step whose loss or gradient norm is not finite is never applied: parameters and optimizer
+    # state stay the last good ones, and the loop (--on-nan) stops there or goes on. (optax's
+    # apply_if_finite looks at the updates only and lets them through after a run of failures.)
+    finite = jnp.isfinite(sums['loss']) & jnp.isfinite(sums['nll']) & jnp.isfinite(grad_norm)
+    params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                     (params, opt_state), (state.params, state.opt_state))
     # `loss` is the cross-entropy, comparable with eval's; label smoothing only shapes the
     # gradient. `tokens` counts the non-pad tokens the model read, for tokens/s.
     tokens = sum((batch[k] != 0).sum() for k in ('inputs', 'src', 'tgt_in') if k in batch)
     if axis_name is not None:
       tokens = jax.lax.psum(tokens, axis_name)
     metrics = {'loss': sums['nll'] / total, 'accuracy': sums['correct'] / total,
-               'tokens': tokens.astype(jnp.float32), 'grad_norm': optax.global_norm(grads),
+               'tokens': tokens.astype(jnp.float32), 'grad_norm': grad_norm,
+               'skipped': 1.0 - finite.astype(jnp.float32),
                'learning_rate': learning_rate_fn(state.step // accumulate)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

@@ -47,6 +47,7 @@ class Task:
   tokenizer_name: str = 'byte'
   vocab_size: int = 1024  # SentencePiece only
   workdir: str = '.'
+  data_fingerprint: str | None = None  # of --data, kept with the tokenizer trained on it
 
   tokenizer = data.ByteTokenizer()
 
@@ -73,7 +74,8 @@ class Task:
       path = str(pathlib.Path(self.workdir).absolute() / 'tokenizer.model')
       # One process trains (the workdir may be shared), the others wait and load its model.
       if jax.process_index() == 0:
-        data.SentencePieceTokenizer.train_or_load(texts, path, self.vocab_size)
+        data.SentencePieceTokenizer.train_or_load(texts, path, self.vocab_size,
+                                                  self.data_fingerprint)
       if jax.process_count() > 1:
         multihost_utils.sync_global_devices('tokenizer trained')
       self.tokenizer = data.SentencePieceTokenizer(path)
@@ -195,7 +197,7 @@ class TranslateTask(Seq2SeqTask):
       raise data.DataError('--task translate needs --data PATH (tab-separated sentence pairs)')
     self.src_len = self.tgt_len = self.seq_len
     self._train, self._eval = data.split_documents(
-        data.read_pairs(self.data_path, self.on_bad_bytes))
+        data.read_pairs(self.data_path, self.on_bad_bytes), 'sentence pairs')
     self.make_tokenizer([text for pair in self._train for text in pair])
 
   def train_examples(self):
@@ -212,8 +214,10 @@ class TextTask(Task):
   model_cls = GPT
 
   def prepare(self):
-    train_docs, eval_docs = data.split_documents(
+    train_docs, eval_docs, note = data.split_text(
         data.text_documents(self.data_path, self.on_bad_bytes))
+    if note and jax.process_index() == 0:
+      print(note)
     if self.tokenizer_name != 'byte' and isinstance(self, MLMTask):
       raise data.DataError('--tokenizer sentencepiece applies to --task text and translate')
     self.make_tokenizer(train_docs)
