@@ -1,20 +1,36 @@
 """python -m train.generate --workdir DIR [--prompt TEXT | --input TEXT]: decode with the newest
-checkpoint of a training run (GPT continues --prompt; the Transformer rewrites --input)."""
+checkpoint of a training run (GPT continues --prompt; the Transformer rewrites --input).
+
+Only the workdir is read: config.json (its 'task', 'run' and 'model_config'), the tokenizer
+model of a sentencepiece run and the params of the newest finished checkpoint. Nothing is
+written there and the training data is not needed, so this works while the run is still
+training (and saving) in the same workdir, and after its --data has been moved.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import os
+import re
 import sys
 
+import flax.linen as nn
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
 
-from flaxformer_lite import beam_search, generate
-from train import checkpoint, data, loop
-from train.config import RunConfig, UsageError
-from train.tasks import MLMTask, Seq2SeqTask, to_host
+from flaxformer_lite import GPT, Transformer, TransformerConfig, beam_search, generate
+from train import checkpoint, data
+from train.config import UsageError
+from train.tasks import DatesTask, to_host
+
+MODELS = {'dates': Transformer, 'translate': Transformer, 'text': GPT}
+TOKENIZERS = ('byte', 'sentencepiece')
+DEFAULT_NEW_TOKENS = 64  # for GPT; a seq2seq run writes up to its target length
 
 
 def parser():
@@ -31,64 +47,252 @@ def parser():
   return p
 
 
-def load(workdir: str):
-  """(setup, params) of the newest checkpoint in `workdir`."""
+def check_options(args) -> None:
+  """Raises UsageError for a request no workdir could satisfy (argparse lets NaN through)."""
+  if args.max_new_tokens is not None and args.max_new_tokens < 1:
+    raise UsageError(f'--max-new-tokens {args.max_new_tokens} must be positive')
+  if not math.isfinite(args.temperature) or args.temperature < 0:
+    raise UsageError(f'--temperature {args.temperature} must be a finite number >= 0 '
+                     '(0 is greedy)')
+  if args.top_k is not None and args.top_k < 1:
+    raise UsageError(f'--top-k {args.top_k} must be >= 1')
+  if args.top_p is not None and not (math.isfinite(args.top_p) and 0 < args.top_p <= 1):
+    raise UsageError(f'--top-p {args.top_p} must be in (0, 1]')
+  if args.beam_size < 0:
+    raise UsageError(f'--beam-size {args.beam_size} must be >= 0 (0: no beam search)')
+
+
+# ------------------------------------------------------------------------------------------------
+# config.json -> model and tokenizer
+
+@dataclasses.dataclass
+class Generator:
+  """What decoding needs, read from a workdir. `src_len`: source length of a seq2seq model
+  (None for GPT); `tgt_len`: its default number of new tokens."""
+  task: str
+  model: nn.Module
+  tokenizer: object
+  src_len: int | None
+  tgt_len: int
+  params: object = None  # set by load_params
+  step: int | None = None
+
+
+def read_config(workdir: str) -> dict:
+  """config.json's 'task', 'run' and 'model_config', checked for type (other keys ignored)."""
+  if not os.path.isdir(workdir):
+    what = 'not a folder' if os.path.exists(workdir) else 'no such folder'
+    raise UsageError(f'--workdir {workdir}: {what}')
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
     raise UsageError(f'--workdir {workdir}: no config.json; is this a training run\'s workdir?')
-  with open(path) as f:
-    meta = json.load(f)
-  # Decoding runs on this machine's devices, whatever layout the training used.
-  run = RunConfig(**{**meta['run'], 'workdir': workdir, 'parallel': 'mesh', 'mesh': None,
-                     'batch_size': jax.device_count()})
-  setup = loop.build(run)
-  ckpts = checkpoint.Checkpoints(os.path.join(workdir, 'checkpoints'))
+  bad = f'--workdir {workdir}: config.json'
   try:
-    step = ckpts.latest_step()
-    if step is None:
-      raise UsageError(f'--workdir {workdir}: no finished checkpoint yet')
-    state, _ = ckpts.restore(step, checkpoint.abstract(setup.abstract_state, setup.shardings))
+    with open(path, encoding='utf-8') as f:
+      config = json.load(f)
+  except OSError as e:
+    raise UsageError(f'{bad} cannot be read ({e.strerror})') from None
+  except ValueError as e:  # JSONDecodeError, UnicodeDecodeError: truncated or not text
+    raise UsageError(f'{bad} is not valid JSON ({e})') from None
+  if not isinstance(config, dict):
+    raise UsageError(f'{bad} holds a {type(config).__name__}, not an object')
+  missing = [k for k in ('task', 'run', 'model_config') if k not in config]
+  if missing:
+    raise UsageError(f'{bad} has no {", ".join(repr(k) for k in missing)}')
+  for key in ('run', 'model_config'):
+    if not isinstance(config[key], dict):
+      raise UsageError(f'{bad}: {key!r} is a {type(config[key]).__name__}, not an object')
+  return {k: config[k] for k in ('task', 'run', 'model_config')}
+
+
+def make_generator(workdir: str, config: dict) -> Generator:
+  """The model and tokenizer of `config` (from read_config); no params yet."""
+  bad = f'--workdir {workdir}: config.json'
+  task, run = config['task'], config['run']
+  if task == 'mlm':
+    raise UsageError(f'--workdir {workdir} is an mlm run, which has no generator; train --task '
+                     'text or a sequence-to-sequence task')
+  if not isinstance(task, str) or task not in MODELS:
+    raise UsageError(f'{bad}: task {task!r} is not one of {", ".join(MODELS)}')
+  try:
+    cfg = TransformerConfig.from_dict(config['model_config'])
+  except (TypeError, ValueError) as e:
+    raise UsageError(f'{bad}: model_config is refused: {e}') from None
+  # Decoding picks the attention implementation for this machine, whatever training used.
+  cfg = cfg.replace(attention_impl=None)
+  src_len, tgt_len = DatesTask.src_len, DatesTask.tgt_len
+  if task == 'translate':
+    seq_len = run.get('seq_len')
+    if type(seq_len) is not int or seq_len < 1:
+      raise UsageError(f'{bad}: run seq_len {seq_len!r} is not a positive integer')
+    src_len = tgt_len = seq_len
+  elif task == 'text':
+    src_len, tgt_len = None, DEFAULT_NEW_TOKENS
+  tokenizer = make_tokenizer(workdir, run.get('tokenizer'))
+  if tokenizer.vocab_size > cfg.vocab_size:
+    raise UsageError(f'{bad}: model_config vocab_size {cfg.vocab_size} is smaller than the '
+                     f'{tokenizer.name} tokenizer\'s {tokenizer.vocab_size}')
+  return Generator(task, MODELS[task](cfg), tokenizer, src_len, tgt_len)
+
+
+def make_tokenizer(workdir: str, name):
+  if name not in TOKENIZERS:
+    raise UsageError(f'--workdir {workdir}: config.json: run tokenizer {name!r} is not one of '
+                     f'{", ".join(TOKENIZERS)}')
+  if name == 'byte':
+    return data.ByteTokenizer()
+  path = os.path.join(workdir, 'tokenizer.model')
+  if not os.path.isfile(path):
+    raise UsageError(f'--workdir {workdir}: no tokenizer.model; this sentencepiece run has not '
+                     'finished preparing its data, or the file was removed')
+  try:
+    return data.SentencePieceTokenizer(path)
+  except (OSError, RuntimeError) as e:
+    raise UsageError(f'--workdir {workdir}: tokenizer.model cannot be read ({e})') from None
+
+
+# ------------------------------------------------------------------------------------------------
+# checkpoint -> params
+
+def finished_steps(workdir: str) -> list[int]:
+  """Steps of finished checkpoints, newest first. Saves in progress (orbax's tmp folders) and
+  folders moved aside by training (e.g. '40.damaged') are not named by a bare integer."""
+  directory = os.path.join(workdir, 'checkpoints')
+  try:
+    names = os.listdir(directory)
+  except OSError:
+    return []
+  steps = [int(n) for n in names
+           if re.fullmatch(r'[0-9]+', n) and os.path.isdir(os.path.join(directory, n))]
+  return sorted(steps, reverse=True)
+
+
+def abstract_params(workdir: str, gen: Generator):
+  """The params' shapes and dtypes, as the model's init makes them (nothing allocated)."""
+  tokens = np.ones((1, 1), np.int32)
+  args = (tokens,) if gen.src_len is None else (tokens, tokens)
+  try:
+    variables = jax.eval_shape(lambda: gen.model.init(jax.random.key(0), *args))
+  except (TypeError, ValueError) as e:  # fields from_dict accepts but the layers cannot use
+    raise UsageError(f'--workdir {workdir}: config.json: model_config builds no model: '
+                     f'{checkpoint.short_reason(e)}') from None
+  return nn.unbox(variables['params'])
+
+
+def _flat(tree) -> dict:
+  return {jax.tree_util.keystr(path): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def check_restored(workdir: str, step: int, restored, expected) -> None:
+  """Raises UsageError unless the restored params are the model's, leaf by leaf: a partial
+  restore hands back the target's own ShapeDtypeStruct for a leaf the checkpoint lacks."""
+  restored, expected = _flat(restored), _flat(expected)
+  problems = [f'{k} missing' for k, v in restored.items() if not isinstance(v, np.ndarray)]
+  problems += [f'{k} saved {v.shape} {v.dtype} vs {expected[k].shape} {expected[k].dtype}'
+               for k, v in restored.items() if isinstance(v, np.ndarray)
+               and (v.shape != tuple(expected[k].shape) or v.dtype != expected[k].dtype)]
+  if problems:
+    more = f' and {len(problems) - 3} more' if len(problems) > 3 else ''
+    raise UsageError(f'--workdir {workdir}: config.json\'s model_config does not match the '
+                     f'checkpoint at step {step} (params{"; params".join(problems[:3])}{more})')
+
+
+def restore_params(workdir: str, step: int, abstract):
+  """The params subtree of the TrainState saved at `step`, as host numpy arrays. The optimizer
+  state is neither read nor described, so its layout may change without breaking this."""
+  path = epath.Path(os.path.abspath(os.path.join(workdir, 'checkpoints', str(step), 'state')))
+  # Host arrays: decoding runs on this machine's devices, whatever layout training used.
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    restored = handler.restore(path, args=ocp.args.PyTreeRestore(
+        item={'params': abstract}, restore_args={'params': restore_args}, partial_restore=True))
   finally:
-    ckpts.close()
-  return setup, state.params
+    handler.close()
+  return restored['params']
+
+
+def load_params(workdir: str, gen: Generator) -> tuple[dict, int]:
+  """(params, step) of the newest checkpoint that can be read; each newer one skipped is one
+  `warning:` line on stderr (printed only when an older one is used)."""
+  steps = finished_steps(workdir)
+  if not steps:
+    raise UsageError(f'--workdir {workdir}: no finished checkpoint yet')
+  abstract = abstract_params(workdir, gen)
+  skipped = []
+  for step in steps:
+    try:
+      params = restore_params(workdir, step, abstract)
+    except Exception as e:  # noqa: BLE001 -- whatever the files are, they cannot be used
+      # Training may be deleting this step (retention) or may have left it damaged.
+      checkpoint.ignore_abandoned_reads()
+      skipped.append(f'step {step} ({checkpoint.short_reason(e)})')
+      continue
+    check_restored(workdir, step, params, abstract)
+    for reason in skipped:
+      print(f'warning: --workdir {workdir}: skipped the checkpoint at {reason}; using step '
+            f'{step}', file=sys.stderr)
+    return params, step
+  raise UsageError(f'--workdir {workdir}: no checkpoint could be read: {"; ".join(skipped)}')
+
+
+def load(workdir: str) -> Generator:
+  """The model, tokenizer and newest readable params of the run in `workdir`."""
+  gen = make_generator(workdir, read_config(workdir))
+  gen.params, gen.step = load_params(workdir, gen)
+  return gen
+
+
+# ------------------------------------------------------------------------------------------------
+# decoding
+
+def texts_for(gen: Generator, args) -> list[str]:
+  if gen.src_len is not None:
+    if not args.input:
+      raise UsageError(f'give --input TEXT for a sequence-to-sequence ({gen.task}) run')
+    return args.input
+  if not args.prompt:
+    raise UsageError('give --prompt TEXT for a text run')
+  return args.prompt
+
+
+def decode(gen: Generator, texts: list[str], args) -> list[str]:
+  """One output line per text: the continuation (GPT) or 'source -> output' (Transformer)."""
+  encoded = [gen.tokenizer.encode(t) for t in texts]
+  length = gen.src_len or max(len(t) for t in encoded)
+  tokens = np.stack([data.pad_to(t, length) for t in encoded])
+  max_new = args.max_new_tokens or gen.tgt_len
+  variables = {'params': gen.params}
+  try:
+    if args.beam_size:
+      out = beam_search(gen.model, variables, tokens, beam_size=args.beam_size,
+                        max_new_tokens=max_new)
+    else:
+      out = generate(gen.model, variables, tokens, max_new_tokens=max_new,
+                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                     rng=jax.random.key(args.seed))
+  except ValueError as e:  # the library's checks of the request, e.g. a prompt too long
+    raise UsageError(str(e)) from None
+  rows = [gen.tokenizer.decode(row) for row in to_host(out)]
+  if gen.src_len is not None:
+    return [f'{text} -> {row}' for text, row in zip(texts, rows)]
+  return [text + row for text, row in zip(texts, rows)]
 
 
 def main(argv=None) -> int:
   args = parser().parse_args(argv)
   try:
-    setup, params = load(args.workdir)
-    task, model = setup.task, setup.model
-    if isinstance(task, MLMTask):
-      raise UsageError('an mlm run has no generator; train --task text or a seq2seq task')
-    if isinstance(task, Seq2SeqTask):
-      texts = args.input or []
-      if not texts:
-        raise UsageError('give --input TEXT for a sequence-to-sequence run')
-      length, max_new = task.src_len, args.max_new_tokens or task.tgt_len
-    else:
-      texts = args.prompt or []
-      if not texts:
-        raise UsageError('give --prompt TEXT for a text run')
-      length = max(len(task.tokenizer.encode(t)) for t in texts)
-      max_new = args.max_new_tokens or 64
-    tokens = np.stack([data.pad_to(task.tokenizer.encode(t), length) for t in texts])
-    variables = {'params': params}
-    try:
-      if args.beam_size:
-        out = beam_search(model, variables, tokens, beam_size=args.beam_size,
-                          max_new_tokens=max_new)
-      else:
-        out = generate(model, variables, tokens, max_new_tokens=max_new,
-                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                       rng=jax.random.key(args.seed))
-    except ValueError as e:  # the library's checks of the request, e.g. a prompt too long
-      raise UsageError(str(e)) from None
+    check_options(args)
+    gen = make_generator(args.workdir, read_config(args.workdir))
+    texts = texts_for(gen, args)
+    gen.params, gen.step = load_params(args.workdir, gen)
+    lines = decode(gen, texts, args)
   except UsageError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
-  for text, row in zip(texts, to_host(out)):
-    print(f'{text} -> {task.tokenizer.decode(row)}' if isinstance(task, Seq2SeqTask)
-          else text + task.tokenizer.decode(row))
+  for line in lines:
+    print(line)
   return 0
 
 
