@@ -117,10 +117,14 @@ def checkpoint_steps(workdir: pathlib.Path) -> list[int]:
 
 
 def snapshot(directory: pathlib.Path) -> dict:
-  """Every file and folder under `directory`: (kind, size, mtime_ns, sha1 of the contents)."""
+  """Every file and folder under `directory`: (kind, size, mtime_ns, sha1 of the contents).
+
+  The run's lock file is left out: each run that takes the lock writes its pid there."""
   out = {}
   for path in sorted(directory.rglob('*')):
     rel = str(path.relative_to(directory))
+    if rel == '.lock':
+      continue
     if path.is_dir():
       out[rel] = ('dir',)
     else:

@@ -528,14 +528,14 @@ def test_metrics_log_drops_a_torn_last_line_and_later_steps(tmp_path):
 
 def test_resume_refuses_changed_run_options():
   from train.checkpoint import CheckpointMismatch, check
-  run = {'seed': 0, 'batch_size': 8, 'learning_rate': 1e-3, 'steps': 10}
+  run = {'seed': 0, 'batch_size': 8, 'learning_rate': 1e-3, 'steps': 10, 'data': 'a.txt'}
   saved = {'task': 'dates', 'run': run, 'model_config': {'d_model': 32}, 'data': None}
   check(3, saved, {**saved, 'run': {**run, 'steps': 20}})  # --steps may grow
   with pytest.raises(CheckpointMismatch, match=r'--batch-size saved 8 vs requested 16'):
     check(3, saved, {**saved, 'run': {**run, 'batch_size': 16}})
   with pytest.raises(CheckpointMismatch, match=r'--data a.txt has changed since .* step 3'):
     check(3, {**saved, 'data': '10 bytes, sha256 ab'},
-          {**saved, 'run': {**run, 'data': 'a.txt'}, 'data': '11 bytes, sha256 cd'})
+          {**saved, 'data': '11 bytes, sha256 cd'})
 
 
 def test_closing_checkpoints_waits_for_the_startup_cleanup(tmp_path, monkeypatch):

@@ -127,9 +127,7 @@ def test_no_checkpoint_restores_is_one_line_and_nothing_moves(damaged):
   line = assert_one_error_line(damaged['results']['all'], 'no checkpoint', 'step 6', 'step 2',
                                'nothing was moved')
   assert 'resuming' not in damaged['results']['all'].stdout, line
-  after = snapshot(damaged['root'] / 'all')
-  assert {k: v for k, v in after.items() if k != '.lock'} == {
-      k: v for k, v in damaged['before_all'].items() if k != '.lock'}
+  assert snapshot(damaged['root'] / 'all') == damaged['before_all']
 
 
 # ------------------------------------------------------------------------------------------------
@@ -365,7 +363,7 @@ def test_a_full_disk_is_one_error_and_keeps_the_checkpoints(checkpoints, tmp_pat
                       lambda path: real._replace(free=300 << 10))
   with pytest.raises(checkpoint.CheckpointError,
                      match=r'no room for the checkpoint at step 2 in .*checkpoints: it needs '
-                           r'about 1.0 MiB and 0.3 MiB are free'):
+                           r'about 1.00 MiB and 0.29 MiB are free'):
     checkpoints.save(2, {'x': jnp.arange(4.0)}, META)
   assert checkpoints.manager.all_steps() == [1]
 

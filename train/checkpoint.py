@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import shutil
 import sys
@@ -117,10 +118,22 @@ def _is_meta(meta) -> bool:
       isinstance(meta[k], dict) for k in ('run', 'model_config'))
 
 
+class _OrbaxErrorLogs(logging.Filter):
+  """orbax's save threads log each failure with its traceback (dozens for one full disk), then
+  raise it again from save() or wait_until_finished(), where `Checkpoints` reports it once: as
+  one line for a full disk or an I/O error, or as the exception itself for anything else."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.levelno >= logging.ERROR and f'{os.sep}orbax{os.sep}' in record.pathname)
+
+
 class Checkpoints:
   """Keeps the newest `keep` checkpoints under `directory`, saving asynchronously."""
 
   def __init__(self, directory: str, keep: int = 3):
+    absl_logs = logging.getLogger('absl')
+    if not any(isinstance(f, _OrbaxErrorLogs) for f in absl_logs.filters):
+      absl_logs.addFilter(_OrbaxErrorLogs())
     self.directory = os.path.abspath(directory)
     self.manager = ocp.CheckpointManager(
         os.path.abspath(directory),
@@ -207,9 +220,9 @@ class Checkpoints:
 
   def _space_error(self, step: int | None, needed: int | None, free: int) -> CheckpointError:
     at = f' at step {step}' if step is not None else ''
-    need = f'it needs about {needed / 2**20:,.1f} MiB and ' if needed else ''
+    need = f'it needs about {needed / 2**20:,.2f} MiB and ' if needed else ''
     return CheckpointError(f'no room for the checkpoint{at} in {self.directory}: {need}'
-                           f'{free / 2**20:,.1f} MiB are free; free some space (or lower '
+                           f'{free / 2**20:,.2f} MiB are free; free some space (or lower '
                            '--keep-checkpoints) and rerun to resume')
 
   @contextlib.contextmanager

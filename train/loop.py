@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -168,9 +169,13 @@ def run(run: RunConfig) -> dict | None:
       if jax.process_index() == 0:
         workdir.write_json(os.path.join(run.workdir, 'config.json'), setup.meta())
       log = MetricsLog(run.workdir, start, enabled=jax.process_index() == 0)
-      return _train(setup, state, start, ckpts, log, stop)
-    finally:
-      ckpts.close()
+      result = _train(setup, state, start, ckpts, log, stop)
+    except BaseException:
+      with contextlib.suppress(UsageError):  # the first error is the one to report
+        ckpts.close()
+      raise
+    ckpts.close()
+    return result
 
 
 def _stopped_early(stop: StopRequested, start: int) -> bool:
