@@ -155,7 +155,7 @@ def keep_grads():
 
 
 class NoCheckpoints:
-  def latest_step(self):
+  def restore_newest(self, abstract_state, requested):
     return None
 
 
@@ -246,7 +246,7 @@ for index, name in enumerate(LAYOUTS):  # index: file names never collide betwee
   shardings = parallel.state_shardings(layout, tx, abstract_state, boxed)
   setup = dataclasses.replace(base, tx=tx, layout=layout, abstract_state=abstract_state,
                               shardings=shardings)
-  state = loop.restore_or_create(setup, NoCheckpoints())
+  state, _ = loop.restore_or_create(setup, NoCheckpoints())
   res = {'init_placement': placement(state.params, adam_mu(state.opt_state)),
          'step_rng_replicated': bool(state.step.sharding.is_fully_replicated
                                      and state.rng.sharding.is_fully_replicated),

@@ -132,7 +132,8 @@ def parser() -> argparse.ArgumentParser:
                  'SentencePiece model trained on the training data (text, translate)')
   p.add_argument('--vocab-size', type=int, default=1024, help='SentencePiece vocabulary size')
   p.add_argument('--no-progress', dest='progress', action='store_false')
-  p.add_argument('--parallel', default='mesh', help='mesh (jit + shardings, default) or pmap')
+  p.add_argument('--parallel', default='mesh', help='mesh (jit + shardings, default) or pmap '
+                 "(one host; under dropout its masks differ from mesh's, which equal one device's)")
   p.add_argument('--mesh', help='mesh shape, e.g. data=8 or data=2,fsdp=2,tensor=2 '
                  '(-1 takes the remaining devices; default: every device on data)')
   g = p.add_argument_group('multi-host (one process per host; every process runs the same '

@@ -205,8 +205,10 @@ def _train(setup: Setup, state, start: int, ckpts, log: MetricsLog, stop) -> dic
   train_step = make_train_step(model, task, setup.tx, label_smoothing=run.label_smoothing,
                                learning_rate_fn=setup.learning_rate, accumulate=run.accumulate,
                                axis_name='data' if layout.kind == 'pmap' else None)
-  train_step, eval_step = parallel.compile_steps(train_step, make_eval_step(model, task),
-                                                 layout, setup.shardings)
+  # Compiled ahead of time: a step that cannot fit in memory is refused before it runs.
+  train_step, eval_step = parallel.compile_steps(
+      train_step, make_eval_step(model, task), layout, setup.shardings,
+      abstract_state=setup.abstract_state, batch=task.dummy_batch(run.batch_size), run=run)
   rows = layout.process_rows()
   eval_batches = [{k: v[rows] for k, v in b.items()} for b in task.eval_batches(run.batch_size)]
   batches = data.prefetch(data.batched(task.train_examples(), run.batch_size, rows), start)

@@ -46,7 +46,7 @@ def make_train_step(model, task, tx, *, label_smoothing: float, learning_rate_fn
       grads, sums = jax.lax.psum((grads, sums), axis_name)
     total = jnp.maximum(sums['weight'], 1.0)
     grads = jax.tree.map(lambda g: g / total, grads)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # A step whose loss or gradient norm is not finite is never applied: parameters and optimizer
