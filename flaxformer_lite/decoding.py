@@ -1,19 +1,54 @@
-"""Autoregressive generation over the key/value cache: pure functions, one jit-compiled loop.
+"""Autoregressive generation over a model's cache: pure functions, one jit-compiled loop each.
 
-`generate` works for `GPT` (continue a prompt) and `Transformer` (decode a source, the target
-starting with `bos_id`). The loop state is a pytree (cache, last token, output, done flags, rng)
-carried through `lax.while_loop`, which stops early once every row has emitted `eos_id`.
+The loops know no model class. A model family decodes when it has two methods (`GPT` and
+`Transformer` do; `BertEncoder` has no generator and is refused):
+
+  check_decoding(inputs, max_new_tokens) -> inputs
+      On the host, before anything is traced: raises ValueError for a bad request (token
+      values, all-padding rows, a length past max_len) and returns what the loop is given.
+  decoder_for(variables, inputs, max_new_tokens) -> Decoder
+      Inside the compiled loop (shapes static, values traced): runs the prompt (or encodes the
+      source and feeds BOS) into a fresh cache and returns a `Decoder`: that cache, the logits
+      of each row's first new token, the one-token step `tokens_to_logits`, the token
+      conventions and which axis of each cache leaf holds the rows.
+
+`beam_search` calls `decoder_for` with every input repeated `beam_size` times (row b * W + w is
+beam w of example b) and reorders the cache along `Decoder.cache_batch_axes`: a family never
+sees beams. Each loop carries a named state (`SamplingState`, `BeamState`) through
+`lax.while_loop`, which stops early once every row has emitted `eos_id` (no open beam can win).
+
+Logits processors (min length, banned n-grams, forced tokens, ...) plug into one place,
+`_process`: each is `processor(scores [R, V], tokens [R, L], index) -> scores [R, V]` for R rows
+(B, or B * W beams) whose new tokens so far are `tokens` (pad_id from column `index`, the one
+being chosen, on). `generate` applies them to the logits, before temperature, top-k and top-p;
+`beam_search` to the log-probabilities, after the log-softmax, as transformers does. Processors
+are static arguments of the compiled loops: make them hashable by value (frozen dataclasses).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+from flax import struct
 
-from flaxformer_lite.models import GPT, Transformer, check_tokens
+
+@dataclasses.dataclass(frozen=True)
+class Decoder:
+  """What a model family hands the decoding loops, for its B rows: all they know of the model."""
+  cache: Any  # the cache after the prompt: a pytree, its rows on `cache_batch_axes`
+  logits: jax.Array  # [B, V] float32: predict each row's first new token
+  # (cache, tokens [B]) -> (logits [B, V], cache): feeds one token per row. Finished rows are
+  # fed pad_id; what they get back is never read.
+  tokens_to_logits: Callable[[Any, jax.Array], tuple[jax.Array, Any]]
+  pad_id: int  # fills a row after its eos_id; never generated
+  eos_id: int  # ends a row
+  # The axis of each cache leaf that holds the B rows: an int, or a pytree prefix of the cache
+  # with int leaves (like jax.vmap's in_axes), e.g. 1 for a layer stack cached under nn.scan.
+  cache_batch_axes: Any = 0
 
 
 def sample_logits(logits, rng, *, temperature=0.0, top_k=None, top_p=None):
@@ -39,102 +74,73 @@ def sample_logits(logits, rng, *, temperature=0.0, top_k=None, top_p=None):
   return jax.random.categorical(rng, logits).astype(jnp.int32)
 
 
-def _zeros_cache(model, *args, method=None):
-  """An all-zero cache sized by `args`, built from shapes only (no parameter init is run)."""
-  shapes = jax.eval_shape(
-      functools.partial(model.init, decode=True, method=method), jax.random.key(0), *args)
-  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes['cache'])
+def _process(processors, scores, tokens, index):
+  """scores `[R, V]` through each logits processor in turn (see the module docstring)."""
+  for processor in processors:
+    scores = processor(scores, tokens, index)
+  return scores
 
 
-def _prefill(model, params, inputs, max_new_tokens):
-  """Runs the prompt (GPT) or BOS (Transformer) through the decoder.
-
-  Returns `step(cache, tokens [B, T]) -> (logits [B, T, V], cache)`, the cache after the prompt
-  and the logits that predict each row's first new token `[B, V]`.
-  """
-  cfg = model.config
-  batch = inputs.shape[0]
-  if isinstance(model, Transformer):
-    encoded = model.apply({'params': params}, inputs, method='encode')
-    prompt = jnp.full((batch, 1), cfg.bos_id, jnp.int32)
-    cache = _zeros_cache(model, inputs, jnp.zeros((batch, max_new_tokens), jnp.int32))
-
-    def step(cache, tokens):
-      logits, mutated = model.apply({'params': params, 'cache': cache}, encoded, inputs, tokens,
-                                    decode=True, mutable=['cache'], method='decode')
-      return logits, mutated['cache']
-  else:
-    # Move padding to the right so every prompt starts at position 0 and ends at its length.
-    order = jnp.argsort(inputs == cfg.pad_id, axis=1, stable=True)
-    prompt = jnp.take_along_axis(inputs, order, axis=1)
-    cache = _zeros_cache(model, jnp.zeros((batch, prompt.shape[1] + max_new_tokens - 1),
-                                          jnp.int32))
-
-    def step(cache, tokens):
-      logits, mutated = model.apply({'params': params, 'cache': cache}, tokens, decode=True,
-                                    mutable=['cache'])
-      return logits, mutated['cache']
-
-  logits, cache = step(cache, prompt)
-  last = (prompt != cfg.pad_id).sum(axis=1) - 1
-  return step, cache, logits[jnp.arange(batch), last]
+def _never_pad(logits, pad_id):
+  # pad_id marks finished rows in the output, so it is never chosen.
+  return logits.at[:, pad_id].set(-jnp.inf)
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'max_new_tokens', 'greedy', 'top_k'))
-def _generate(model, params, inputs, rng, temperature, top_p, *, max_new_tokens, greedy, top_k):
-  cfg = model.config
-  batch = inputs.shape[0]
-  step, cache, first_logits = _prefill(model, params, inputs, max_new_tokens)
+@struct.dataclass
+class SamplingState:
+  """The `generate` loop's state: B rows, L = max_new_tokens."""
+  cur_index: jax.Array  # [] int32: the column of `tokens` drawn next
+  tokens: jax.Array  # [B, L] int32: the new tokens; pad_id from cur_index on and after eos_id
+  last_token: jax.Array  # [B] int32: the token drawn last, fed next (pad_id once done)
+  done: jax.Array  # [B] bool: the row has emitted eos_id
+  cache: Any  # the family's cache, rows as in `tokens`
+  rng: jax.Array  # key for the draws still to come
 
-  def draw(logits, rng):
-    # pad_id marks finished rows in the output, so it is never sampled.
-    logits = logits.at[:, cfg.pad_id].set(-jnp.inf)
+
+@functools.partial(jax.jit, static_argnames=('model', 'max_new_tokens', 'greedy', 'top_k',
+                                             'processors'))
+def _generate(model, variables, inputs, rng, temperature, top_p, *, max_new_tokens, greedy, top_k,
+              processors=()):
+  decoder = model.decoder_for(variables, inputs, max_new_tokens)
+  vocab = decoder.logits.shape[-1]  # known once the family's decoder is traced
+  if top_k is not None and not 0 < top_k <= vocab:
+    raise ValueError(f'top_k={top_k} must be in [1, vocab_size={vocab}]')
+
+  def advance(state, logits):
+    """Draws column cur_index from `logits [B, V]`."""
+    rng, draw_rng = jax.random.split(state.rng)
+    logits = _process(processors, _never_pad(logits, decoder.pad_id), state.tokens,
+                      state.cur_index)
     if greedy:
-      return sample_logits(logits, rng)
-    return sample_logits(logits, rng, temperature=temperature, top_k=top_k, top_p=top_p)
-
-  rng, first_rng = jax.random.split(rng)
-  token = draw(first_logits, first_rng)
-  out = jnp.full((batch, max_new_tokens), cfg.pad_id, jnp.int32).at[:, 0].set(token)
-  done = token == cfg.eos_id
-
-  def cond(state):
-    i, _, _, _, done, _ = state
-    return (i < max_new_tokens) & ~jnp.all(done)
+      token = sample_logits(logits, draw_rng)
+    else:
+      token = sample_logits(logits, draw_rng, temperature=temperature, top_k=top_k, top_p=top_p)
+    token = jnp.where(state.done, decoder.pad_id, token)
+    return state.replace(cur_index=state.cur_index + 1,
+                         tokens=state.tokens.at[:, state.cur_index].set(token),
+                         last_token=token, done=state.done | (token == decoder.eos_id), rng=rng)
 
   def body(state):
-    i, cache, token, out, done, rng = state
-    rng, step_rng = jax.random.split(rng)
-    # Finished rows feed pad_id, which does not advance their cache position.
-    logits, cache = step(cache, token[:, None])
-    token = jnp.where(done, cfg.pad_id, draw(logits[:, 0], step_rng))
-    out = out.at[:, i].set(token)
-    return i + 1, cache, token, out, done | (token == cfg.eos_id), rng
+    logits, cache = decoder.tokens_to_logits(state.cache, state.last_token)
+    return advance(state.replace(cache=cache), logits)
 
-  state = (jnp.int32(1), cache, token, out, done, rng)
-  return jax.lax.while_loop(cond, body, state)[3]
+  def cond(state):
+    return (state.cur_index < max_new_tokens) & ~jnp.all(state.done)
+
+  tokens = jnp.full((inputs.shape[0], max_new_tokens), decoder.pad_id, jnp.int32)
+  state = SamplingState(cur_index=jnp.int32(0), tokens=tokens, last_token=tokens[:, 0],
+                        done=jnp.zeros(tokens.shape[:1], bool), cache=decoder.cache, rng=rng)
+  return jax.lax.while_loop(cond, body, advance(state, decoder.logits)).tokens
 
 
-def _check_request(name, model, inputs, max_new_tokens) -> jax.Array:
-  """Host-side checks before anything is compiled; returns inputs as an int32 array."""
-  if not isinstance(model, (GPT, Transformer)):
-    raise ValueError(f'{name} needs a GPT or a Transformer, got {type(model).__name__}')
-  cfg = model.config
-  inputs = jnp.asarray(inputs)
-  check_tokens(inputs, cfg, 'inputs')
+def _check_request(name, model, inputs, max_new_tokens):
+  """Host-side checks before anything is traced; returns the family's checked inputs."""
+  if not all(callable(getattr(model, m, None)) for m in ('check_decoding', 'decoder_for')):
+    raise ValueError(f'{name} needs a model with check_decoding and decoder_for methods (GPT, '
+                     f'Transformer); {type(model).__name__} has no generator')
   if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
     raise ValueError(f'max_new_tokens={max_new_tokens!r} must be a positive integer')
-  lengths = np.asarray((inputs != cfg.pad_id).sum(axis=1))
-  if (lengths == 0).any():
-    raise ValueError(f'inputs row {int(np.argmin(lengths))} is all padding (pad_id={cfg.pad_id})')
-  prompt = inputs.shape[1] if isinstance(model, GPT) else 0
-  # The last new token is only emitted, never fed back, so it needs no position of its own;
-  # the Transformer's decoder input starts with BOS.
-  needed = prompt + max_new_tokens - 1 if prompt else max_new_tokens
-  if needed > cfg.max_len:
-    raise ValueError(f'{prompt} prompt tokens + max_new_tokens={max_new_tokens} exceed '
-                     f'max_len={cfg.max_len}')
-  return inputs.astype(jnp.int32)
+  return model.check_decoding(inputs, max_new_tokens)
 
 
 def generate(model, variables, inputs, *, max_new_tokens, temperature=0.0, top_k=None,
@@ -142,7 +148,7 @@ def generate(model, variables, inputs, *, max_new_tokens, temperature=0.0, top_k
   """Generates up to `max_new_tokens` tokens per row, in one compiled loop.
 
   Args:
-    model: a `GPT` or a `Transformer`.
+    model: a `GPT`, a `Transformer` or any family with the methods of the module docstring.
     variables: its variables (`{'params': ...}`).
     inputs: `[B, L]` int. For GPT the prompts (`pad_id` marks padding; prompts may differ in
       length); for Transformer the source tokens.
@@ -155,18 +161,15 @@ def generate(model, variables, inputs, *, max_new_tokens, temperature=0.0, top_k
     row is `pad_id`.
   """
   inputs = _check_request('generate', model, inputs, max_new_tokens)
-  cfg = model.config
   if temperature < 0:
     raise ValueError(f'temperature={temperature} must be >= 0 (0 is greedy)')
-  if top_k is not None and not 0 < top_k <= cfg.vocab_size:
-    raise ValueError(f'top_k={top_k} must be in [1, vocab_size={cfg.vocab_size}]')
   if top_p is not None and not 0.0 < top_p <= 1.0:
     raise ValueError(f'top_p={top_p} must be in (0, 1]')
   greedy = temperature == 0.0
   if not greedy and rng is None:
     raise ValueError(f'temperature={temperature} samples and needs rng=jax.random.key(...)')
   rng = jax.random.key(0) if rng is None else rng
-  return _generate(model, variables['params'], inputs, rng,
+  return _generate(model, variables, inputs, rng,
                    jnp.float32(temperature if not greedy else 1.0),
                    None if top_p is None else jnp.float32(top_p),
                    max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k)
@@ -175,76 +178,101 @@ def generate(model, variables, inputs, *, max_new_tokens, temperature=0.0, top_k
 _NEG = -1.0e9  # finite "impossible" score: keeps top_k and sums free of inf - inf
 
 
-def _gather_beams(cache, beams, batch, beam_size):
-  """Reorders every cache row `[B * W, ...]` by `beams [B, W]` (the parent of each new beam).
+@struct.dataclass
+class BeamState:
+  """The `beam_search` loop's state: B examples, W beams each, L = max_new_tokens."""
+  cur_index: jax.Array  # [] int32: the column chosen next
+  live_seqs: jax.Array  # [B, W, L] int32: the open beams; pad_id from cur_index on
+  live_logp: jax.Array  # [B, W] float32: their summed log-probabilities, best first (_NEG: none)
+  logits: jax.Array  # [B * W, V] float32: predict each open beam's next token
+  cache: Any  # the family's cache; row b * W + w is open beam w of example b
+  finished_seqs: jax.Array  # [B, W, L] int32: the best hypotheses that ended with eos_id
+  finished_scores: jax.Array  # [B, W] float32: their normalized scores, best first (_NEG: none)
 
-  Under `scan_layers` the cache under 'layers' carries a leading layer axis, so its batch axis
-  is the second one.
+
+def _normalized(logp, length, length_penalty):
+  return logp / length.astype(jnp.float32) ** length_penalty
+
+
+def _gather_beams(cache, parents, batch_axes):
+  """Reorders the cache's rows by `parents [B, W]` (the beam each new beam continues).
+
+  `batch_axes`: the axis of each leaf that holds the B * W rows (see `Decoder`).
   """
-  def gather(path, x):
-    if x.ndim == 0:
-      return x
-    axis = 1 if any(getattr(p, 'key', None) == 'layers' for p in path) else 0
-    x = jnp.moveaxis(x, axis, 0)
-    x = x.reshape((batch, beam_size) + x.shape[1:])
-    x = jnp.take_along_axis(x, beams.reshape(beams.shape + (1,) * (x.ndim - 2)), axis=1)
-    return jnp.moveaxis(x.reshape((batch * beam_size,) + x.shape[2:]), 0, axis)
-  return jax.tree_util.tree_map_with_path(gather, cache)
+  batch, beam_size = parents.shape
+  rows = (parents + beam_size * jnp.arange(batch)[:, None]).reshape(-1)
+  return jax.tree.map(lambda axis, tree: jax.tree.map(lambda x: jnp.take(x, rows, axis), tree),
+                      batch_axes, cache)
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'beam_size', 'max_new_tokens'))
-def _beam_search(model, params, inputs, length_penalty, *, beam_size, max_new_tokens):
-  cfg = model.config
-  batch, vocab = inputs.shape[0], cfg.vocab_size
-  flat = jnp.repeat(inputs, beam_size, axis=0)  # row b * W + w is beam w of example b
-  step, cache, logits = _prefill(model, params, flat, max_new_tokens)
+def _beam_step(decoder, length_penalty, max_new_tokens, processors, state):
+  """Extends every open beam by one token: W stay open, the ones that end join the finished."""
+  batch, beam_size, _ = state.live_seqs.shape
+  i = state.cur_index
+  token_logp = _process(processors, jax.nn.log_softmax(_never_pad(state.logits, decoder.pad_id)),
+                        state.live_seqs.reshape(batch * beam_size, -1), i)
+  vocab = token_logp.shape[-1]
+  scores = state.live_logp[:, :, None] + token_logp.reshape(batch, beam_size, vocab)
+  # 2W candidates always leave W that do not end here, whatever ends.
+  cand_logp, cand = jax.lax.top_k(scores.reshape(batch, -1), 2 * beam_size)
+  parent, token = cand // vocab, (cand % vocab).astype(jnp.int32)
+  cand_seqs = jnp.take_along_axis(state.live_seqs, parent[:, :, None], axis=1).at[:, :, i].set(
+      token)
+  ends = token == decoder.eos_id
+  # Finished: the best W of the old ones and the candidates that end now.
+  pool_scores = jnp.concatenate(
+      [state.finished_scores,
+       jnp.where(ends, _normalized(cand_logp, i + 1, length_penalty), _NEG)], axis=1)
+  finished_scores, keep = jax.lax.top_k(pool_scores, beam_size)
+  finished_seqs = jnp.take_along_axis(jnp.concatenate([state.finished_seqs, cand_seqs], axis=1),
+                                      keep[:, :, None], axis=1)
+  # Open: the best W candidates that do not end.
+  live_logp, keep = jax.lax.top_k(jnp.where(ends, _NEG, cand_logp), beam_size)
+  token = jnp.take_along_axis(token, keep, axis=1).reshape(-1)
+  cache = _gather_beams(state.cache, jnp.take_along_axis(parent, keep, axis=1),
+                        decoder.cache_batch_axes)
+  # The last column is only chosen, never fed back.
+  logits, cache = jax.lax.cond(i + 1 < max_new_tokens,
+                               lambda: decoder.tokens_to_logits(cache, token),
+                               lambda: (state.logits, cache))
+  return BeamState(cur_index=i + 1,
+                   live_seqs=jnp.take_along_axis(cand_seqs, keep[:, :, None], axis=1),
+                   live_logp=live_logp, logits=logits, cache=cache,
+                   finished_seqs=finished_seqs, finished_scores=finished_scores)
 
-  def normalized(logp, length):
-    return logp / length.astype(jnp.float32) ** length_penalty
 
-  def body(state):
-    i, cache, logits, seqs, logp, done_seqs, done_scores = state
-    token_logp = jax.nn.log_softmax(logits.at[:, cfg.pad_id].set(-jnp.inf))
-    scores = (logp[:, :, None] + token_logp.reshape(batch, beam_size, vocab))
-    # 2W candidates always leave W that do not end here, whatever ends.
-    cand_logp, cand = jax.lax.top_k(scores.reshape(batch, -1), 2 * beam_size)
-    parent, token = cand // vocab, (cand % vocab).astype(jnp.int32)
-    cand_seqs = jnp.take_along_axis(seqs, parent[:, :, None], axis=1).at[:, :, i].set(token)
-    ends = token == cfg.eos_id
-    # Finished pool: the best W of the old pool and the candidates that end now.
-    pool_scores = jnp.concatenate(
-        [done_scores, jnp.where(ends, normalized(cand_logp, i + 1), _NEG)], axis=1)
-    done_scores, keep = jax.lax.top_k(pool_scores, beam_size)
-    done_seqs = jnp.take_along_axis(jnp.concatenate([done_seqs, cand_seqs], axis=1),
-                                    keep[:, :, None], axis=1)
-    # Alive beams: the best W candidates that do not end.
-    logp, keep = jax.lax.top_k(jnp.where(ends, _NEG, cand_logp), beam_size)
-    seqs = jnp.take_along_axis(cand_seqs, keep[:, :, None], axis=1)
-    token = jnp.take_along_axis(token, keep, axis=1)
-    cache = _gather_beams(cache, jnp.take_along_axis(parent, keep, axis=1), batch, beam_size)
-    logits, cache = jax.lax.cond(
-        i + 1 < max_new_tokens,
-        lambda: step(cache, token.reshape(-1, 1)),
-        lambda: (logits[:, None], cache))
-    return i + 1, cache, logits[:, 0], seqs, logp, done_seqs, done_scores
+def _beam_open(length_penalty, max_new_tokens, state):
+  """False once the search is over: at the length limit, or no open beam can still win."""
+  # The best an open beam can still reach: its log-probability only falls, and the length
+  # normalization favours it most at the longest length when length_penalty > 0.
+  length = jnp.where(length_penalty > 0, max_new_tokens, jnp.maximum(state.cur_index, 1))
+  best_open = _normalized(state.live_logp[:, 0], length, length_penalty)
+  return ((state.cur_index < max_new_tokens)
+          & ~jnp.all(best_open < state.finished_scores[:, -1]))
 
-  def cond(state):
-    i, _, _, _, logp, _, done_scores = state
-    # The best an alive beam can still reach: its log-probability only falls, and the length
-    # normalization favours it most at the longest length when length_penalty > 0.
-    length = jnp.where(length_penalty > 0, max_new_tokens, jnp.maximum(i, 1))
-    best_alive = normalized(logp[:, 0], length)
-    return (i < max_new_tokens) & ~jnp.all(best_alive < done_scores[:, -1])
 
-  seqs = jnp.full((batch, beam_size, max_new_tokens), cfg.pad_id, jnp.int32)
-  logp = jnp.tile(jnp.array([0.0] + [_NEG] * (beam_size - 1)), (batch, 1))  # one live beam
-  state = (jnp.int32(0), cache, logits, seqs, logp, seqs, jnp.full((batch, beam_size), _NEG))
-  _, _, _, seqs, logp, done_seqs, done_scores = jax.lax.while_loop(cond, body, state)
-  # Beams still alive at the length limit compete with the finished ones.
-  scores = jnp.concatenate([done_scores, normalized(logp, jnp.int32(max_new_tokens))], axis=1)
-  every = jnp.concatenate([done_seqs, seqs], axis=1)
-  best = jnp.argmax(scores, axis=1)
-  return every[jnp.arange(batch), best]
+@functools.partial(jax.jit, static_argnames=('model', 'beam_size', 'max_new_tokens',
+                                             'processors'))
+def _beam_search(model, variables, inputs, length_penalty, *, beam_size, max_new_tokens,
+                 processors=()):
+  batch = inputs.shape[0]
+  decoder = model.decoder_for(variables, jnp.repeat(inputs, beam_size, axis=0), max_new_tokens)
+  seqs = jnp.full((batch, beam_size, max_new_tokens), decoder.pad_id, jnp.int32)
+  state = BeamState(
+      cur_index=jnp.int32(0), live_seqs=seqs,
+      # One open beam per example, so the first step does not pick W copies of one token.
+      live_logp=jnp.tile(jnp.array([0.0] + [_NEG] * (beam_size - 1)), (batch, 1)),
+      logits=decoder.logits, cache=decoder.cache, finished_seqs=seqs,
+      finished_scores=jnp.full((batch, beam_size), _NEG))
+  state = jax.lax.while_loop(
+      functools.partial(_beam_open, length_penalty, max_new_tokens),
+      functools.partial(_beam_step, decoder, length_penalty, max_new_tokens, processors), state)
+  # Beams still open at the length limit compete with the finished ones.
+  scores = jnp.concatenate(
+      [state.finished_scores,
+       _normalized(state.live_logp, jnp.int32(max_new_tokens), length_penalty)], axis=1)
+  every = jnp.concatenate([state.finished_seqs, state.live_seqs], axis=1)
+  return every[jnp.arange(batch), jnp.argmax(scores, axis=1)]
 
 
 def beam_search(model, variables, inputs, *, beam_size, max_new_tokens, length_penalty=1.0):
@@ -261,5 +289,5 @@ def beam_search(model, variables, inputs, *, beam_size, max_new_tokens, length_p
   inputs = _check_request('beam_search', model, inputs, max_new_tokens)
   if not isinstance(beam_size, int) or beam_size < 1:
     raise ValueError(f'beam_size={beam_size!r} must be a positive integer')
-  return _beam_search(model, variables['params'], inputs, jnp.float32(length_penalty),
+  return _beam_search(model, variables, inputs, jnp.float32(length_penalty),
                       beam_size=beam_size, max_new_tokens=max_new_tokens)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -10,6 +12,7 @@ import numpy as np
 from flaxformer_lite import layers
 from flaxformer_lite.blocks import DecoderLayer, EncoderLayer, LayerStack
 from flaxformer_lite.config import TransformerConfig
+from flaxformer_lite.decoding import Decoder
 
 
 def check_tokens(tokens, cfg: TransformerConfig, name: str = 'tokens') -> None:
@@ -78,6 +81,38 @@ def _output_logits(cfg, embed, x, lm_head=None):
   return nn.with_logical_constraint(logits.astype(jnp.float32), ('batch', 'length', 'vocab'))
 
 
+# ------------------------------------------------------------------------------------------------
+# decoding: what GPT and Transformer hand `generate` and `beam_search` (see decoding.py)
+
+def _decoding_tokens(cfg, inputs) -> jax.Array:
+  """Host-side checks of a decoding request's tokens `[B, L]`; returns them as int32."""
+  inputs = jnp.asarray(inputs)
+  check_tokens(inputs, cfg, 'inputs')
+  lengths = np.asarray((inputs != cfg.pad_id).sum(axis=1))
+  if (lengths == 0).any():
+    raise ValueError(f'inputs row {int(np.argmin(lengths))} is all padding (pad_id={cfg.pad_id})')
+  return inputs.astype(jnp.int32)
+
+
+def _zeros_cache(model, *args):
+  """An all-zero cache sized by `args`, built from shapes only (no parameter init is run)."""
+  shapes = jax.eval_shape(functools.partial(model.init, decode=True), jax.random.key(0), *args)
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes['cache'])
+
+
+def _decoder(cfg, step, cache, logits) -> Decoder:
+  """The loops' view of a model whose cached apply is `step(cache, tokens [B, T]) ->
+  (logits [B, T, V], cache)`, given the cache and first-token logits `[B, V]` after the prompt."""
+  def tokens_to_logits(cache, tokens):
+    logits, cache = step(cache, tokens[:, None])
+    return logits[:, 0], cache
+
+  return Decoder(cache=cache, logits=logits, tokens_to_logits=tokens_to_logits,
+                 pad_id=cfg.pad_id, eos_id=cfg.eos_id,
+                 # Under scan_layers the layer stack's cache is stacked on a leading layer axis.
+                 cache_batch_axes={'decode_position': 0, 'decoder': int(cfg.scan_layers)})
+
+
 class GPT(nn.Module):
   """Decoder-only causal language model (GPT-2 with the `gpt2-small` preset).
 
@@ -107,6 +142,36 @@ class GPT(nn.Module):
     x = LayerStack(cfg, DecoderLayer, cfg.num_decoder_layers, name='decoder')(
         x, (None, mask, None, positions), (deterministic, decode, capture_attention))
     return _output_logits(cfg, embed, x, None if cfg.tie_embeddings else _lm_head(cfg, 'lm_head'))
+
+  @nn.nowrap
+  def check_decoding(self, prompts, max_new_tokens) -> jax.Array:
+    """Host-side checks of a `generate`/`beam_search` request; returns prompts `[B, T]` int32."""
+    cfg = self.config
+    prompts = _decoding_tokens(cfg, prompts)
+    # The last new token is only emitted, never fed back, so it needs no position of its own.
+    if prompts.shape[1] + max_new_tokens - 1 > cfg.max_len:
+      raise ValueError(f'{prompts.shape[1]} prompt tokens + max_new_tokens={max_new_tokens} '
+                       f'exceed max_len={cfg.max_len}')
+    return prompts
+
+  @nn.nowrap
+  def decoder_for(self, variables, prompts, max_new_tokens) -> Decoder:
+    """Runs `prompts [B, T]` (pad_id padding on either side) into a fresh cache."""
+    cfg = self.config
+    batch, length = prompts.shape
+    # Move padding to the right, so each prompt's last token is at its length - 1.
+    order = jnp.argsort(prompts == cfg.pad_id, axis=1, stable=True)
+    prompts = jnp.take_along_axis(prompts, order, axis=1)
+
+    def step(cache, tokens):
+      logits, mutated = self.apply({**variables, 'cache': cache}, tokens, decode=True,
+                                   mutable=['cache'])
+      return logits, mutated['cache']
+
+    cache = _zeros_cache(self, jnp.zeros((batch, length + max_new_tokens - 1), jnp.int32))
+    logits, cache = step(cache, prompts)
+    last = (prompts != cfg.pad_id).sum(axis=1) - 1
+    return _decoder(cfg, step, cache, logits[jnp.arange(batch), last])
 
 
 class Transformer(nn.Module):
@@ -177,6 +242,32 @@ class Transformer(nn.Module):
                           capture_attention=capture_attention)
     return self.decode(encoded, src_tokens, tgt_tokens, deterministic=deterministic,
                        decode=decode, capture_attention=capture_attention)
+
+  @nn.nowrap
+  def check_decoding(self, src_tokens, max_new_tokens) -> jax.Array:
+    """Host-side checks of a `generate`/`beam_search` request; returns the source int32."""
+    cfg = self.config
+    src_tokens = _decoding_tokens(cfg, src_tokens)
+    # The decoder is fed BOS and every new token but the last.
+    if max_new_tokens > cfg.max_len:
+      raise ValueError(f'max_new_tokens={max_new_tokens} exceeds max_len={cfg.max_len}')
+    return src_tokens
+
+  @nn.nowrap
+  def decoder_for(self, variables, src_tokens, max_new_tokens) -> Decoder:
+    """Encodes `src_tokens [B, S]` once and feeds BOS into a fresh decoder cache."""
+    cfg = self.config
+    batch = src_tokens.shape[0]
+    encoded = self.apply(variables, src_tokens, method='encode')
+
+    def step(cache, tokens):
+      logits, mutated = self.apply({**variables, 'cache': cache}, encoded, src_tokens, tokens,
+                                   decode=True, mutable=['cache'], method='decode')
+      return logits, mutated['cache']
+
+    cache = _zeros_cache(self, src_tokens, jnp.zeros((batch, max_new_tokens), jnp.int32))
+    logits, cache = step(cache, jnp.full((batch, 1), cfg.bos_id, jnp.int32))
+    return _decoder(cfg, step, cache, logits[:, 0])
 
 
 class MaskedLMHead(nn.Module):
