@@ -20,20 +20,24 @@ def residual(cfg, x, fn, norm, drop, deterministic):
 
 
 class EncoderLayer(nn.Module):
-  """Self-attention + feed-forward, each with a residual and a norm (the paper's encoder layer)."""
-  # Positions of the Python flags in __call__ (self is 0), for nn.remat's static_argnums.
+  """Self-attention + feed-forward, each with a residual and a norm (the paper's encoder layer).
+
+  The mode flags are attributes, set by `LayerStack`: `nn.remat` and `nn.scan` then see arrays
+  only.
+  """
   config: TransformerConfig
-  static_argnums = (4, 5)
+  deterministic: bool = True
+  capture_attention: bool = False
 
   @nn.compact
-  def __call__(self, x, mask, positions, deterministic=True, capture_attention=False):
+  def __call__(self, x, mask, positions):
     """x `[B, T, D]`, mask boolean `[B|1, 1, T|1, T]`, positions `[B, T]` -> `[B, T, D]`."""
-    cfg = self.config
+    cfg, deterministic = self.config, self.deterministic
     drop = nn.Dropout(cfg.dropout_rate)
     attn = MultiHeadAttention(cfg, name='self_attention')
     x = residual(
         cfg, x, lambda h: attn(h, mask=mask, positions=positions, deterministic=deterministic,
-                          capture_attention=capture_attention),
+                          capture_attention=self.capture_attention),
         layers.norm(cfg, 'norm_attention'), drop, deterministic)
     ff = layers.FeedForward(cfg, name='mlp')
     x = residual(cfg, x, lambda h: ff(h, deterministic), layers.norm(cfg, 'norm_mlp'), drop,
@@ -45,28 +49,30 @@ class DecoderLayer(nn.Module):
   """Masked self-attention + encoder-decoder attention + feed-forward (the paper's decoder layer).
 
   With `encoded=None` the cross-attention sublayer is absent: the decoder-only (GPT) block.
+  `decode=True` attends over (and appends to) the key/value cache.
   """
   config: TransformerConfig
-  static_argnums = (6, 7, 8)
+  deterministic: bool = True
+  decode: bool = False
+  capture_attention: bool = False
 
   @nn.compact
-  def __call__(self, x, encoded, self_mask, cross_mask, positions, deterministic=True,
-               decode=False, capture_attention=False):
+  def __call__(self, x, encoded, self_mask, cross_mask, positions):
     """x `[B, T, D]`, encoded `[B, S, D]` or None, masks boolean `[B|1, 1, T|1, T|S]` (the self-
-    attention is causal besides) -> `[B, T, D]`."""
-    cfg = self.config
+    attention is causal besides), positions `[B, T]` -> `[B, T, D]`."""
+    cfg, deterministic, capture = self.config, self.deterministic, self.capture_attention
     drop = nn.Dropout(cfg.dropout_rate)
     self_attn = MultiHeadAttention(cfg, name='self_attention')
     x = residual(
         cfg, x, lambda h: self_attn(h, mask=self_mask, is_causal=True, positions=positions,
-                               decode=decode, deterministic=deterministic,
-                               capture_attention=capture_attention),
+                               decode=self.decode, deterministic=deterministic,
+                               capture_attention=capture),
         layers.norm(cfg, 'norm_self_attention'), drop, deterministic)
     if encoded is not None:
       cross_attn = MultiHeadAttention(cfg, name='cross_attention')
       x = residual(
           cfg, x, lambda h: cross_attn(h, encoded, mask=cross_mask, deterministic=deterministic,
-                                  capture_attention=capture_attention),
+                                  capture_attention=capture),
           layers.norm(cfg, 'norm_cross_attention'), drop, deterministic)
     ff = layers.FeedForward(cfg, name='mlp')
     x = residual(cfg, x, lambda h: ff(h, deterministic), layers.norm(cfg, 'norm_mlp'), drop,
@@ -86,24 +92,28 @@ class LayerStack(nn.Module):
   num_layers: int
 
   @nn.compact
-  def __call__(self, x, arrays: tuple, flags: tuple):
-    """x `[B, T, D]`; `arrays` the layer's array arguments, `flags` its trailing Python flags."""
+  def __call__(self, x, *, deterministic=True, capture_attention=False, decode=False, **arrays):
+    """x `[B, T, D]` -> `[B, T, D]`; `arrays` are the layer's array arguments by name (e.g.
+    `mask=`, `positions=`); the flags become the layers' attributes (`decode` for decoder
+    stacks only)."""
     cfg = self.config
+    flags = dict(deterministic=deterministic, capture_attention=capture_attention)
+    if decode:
+      flags['decode'] = True
     layer_cls = self.layer
     if cfg.remat != 'none':
-      layer_cls = nn.remat(layer_cls, static_argnums=layer_cls.static_argnums,
-                           policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+      layer_cls = nn.remat(layer_cls, policy=REMAT_POLICIES[cfg.remat],
+                           prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
-      def body(layer, carry, *arrays):
-        return layer(carry, *arrays, *flags), None
+      def body(layer, carry, arrays):
+        return layer(carry, **arrays), None
       scan = nn.scan(body, variable_axes={'params': 0, 'cache': 0, 'intermediates': 0},
-                     split_rngs={'params': True, 'dropout': True},
-                     in_axes=(nn.broadcast,) * len(arrays), length=self.num_layers,
-                     metadata_params={nn.PARTITION_NAME: 'layers'})
-      x, _ = scan(layer_cls(cfg, name='layers'), x, *arrays)
+                     split_rngs={'params': True, 'dropout': True}, in_axes=(nn.broadcast,),
+                     length=self.num_layers, metadata_params={nn.PARTITION_NAME: 'layers'})
+      x, _ = scan(layer_cls(cfg, **flags, name='layers'), x, arrays)
     else:
       for i in range(self.num_layers):
-        x = layer_cls(cfg, name=f'layers_{i}')(x, *arrays, *flags)
+        x = layer_cls(cfg, **flags, name=f'layers_{i}')(x, **arrays)
     if cfg.norm_position == 'pre':
       x = layers.norm(cfg, 'final_norm')(x)
     return x

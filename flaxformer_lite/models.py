@@ -140,7 +140,8 @@ class GPT(nn.Module):
     x = layers.AddPositions(cfg, name='positions')(embed(tokens), positions)
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
     x = LayerStack(cfg, DecoderLayer, cfg.num_decoder_layers, name='decoder')(
-        x, (None, mask, None, positions), (deterministic, decode, capture_attention))
+        x, encoded=None, self_mask=mask, cross_mask=None, positions=positions,
+        deterministic=deterministic, decode=decode, capture_attention=capture_attention)
     return _output_logits(cfg, embed, x, None if cfg.tie_embeddings else _lm_head(cfg, 'lm_head'))
 
   @nn.nowrap
@@ -201,8 +202,8 @@ class Transformer(nn.Module):
     positions = token_positions(valid)
     x = self.encoder_positions(self.embed(src_tokens), positions)
     x = self.dropout(x, deterministic=deterministic)
-    return self.encoder(x, (key_mask(valid), positions),
-                        (deterministic, capture_attention))
+    return self.encoder(x, mask=key_mask(valid), positions=positions,
+                        deterministic=deterministic, capture_attention=capture_attention)
 
   def decode(self, encoded, src_tokens, tgt_tokens, *, deterministic=True, decode=False,
              capture_attention=False):
@@ -223,8 +224,9 @@ class Transformer(nn.Module):
     cross_mask = key_mask(src_valid)
     x = self.decoder_positions(self.embed(tgt_tokens), positions)
     x = self.dropout(x, deterministic=deterministic)
-    x = self.decoder(x, (encoded, self_mask, cross_mask, positions),
-                     (deterministic, decode, capture_attention))
+    x = self.decoder(x, encoded=encoded, self_mask=self_mask, cross_mask=cross_mask,
+                     positions=positions, deterministic=deterministic, decode=decode,
+                     capture_attention=capture_attention)
     return _output_logits(cfg, self.embed, x, None if cfg.tie_embeddings else self.lm_head)
 
   def __call__(self, src_tokens, tgt_tokens, *, deterministic=True, decode=False,
@@ -326,12 +328,13 @@ class BertEncoder(nn.Module):
       if bad.size:
         raise ValueError(f'token_types holds {int(bad[0])}, outside [0, '
                          f'type_vocab_size={cfg.type_vocab_size})')
-    positions = token_positions(tokens != cfg.pad_id)
-    x = self.positions(self.embed(tokens), positions)
+    valid = tokens != cfg.pad_id
+    position_ids = token_positions(valid)
+    x = self.positions(self.embed(tokens), position_ids)
     x = x + jnp.take(jnp.asarray(self.token_types, cfg.dtype), token_types, axis=0)
     x = self.dropout(self.embed_norm(x), deterministic=deterministic)
-    hidden = self.encoder(x, (key_mask(tokens != cfg.pad_id), positions),
-                          (deterministic, capture_attention))
+    hidden = self.encoder(x, mask=key_mask(valid), positions=position_ids,
+                          deterministic=deterministic, capture_attention=capture_attention)
     if self.is_initializing():
       self.pool(hidden)  # the pooler belongs to the backbone's parameters, as in BERT
     return hidden

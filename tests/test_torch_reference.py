@@ -247,7 +247,7 @@ def test_encoder_layer(norm_position, activation):
   positions = jnp.broadcast_to(jnp.arange(S), (B, S))
 
   layer = EncoderLayer(cfg)
-  args = (jnp.asarray(x), mask, positions, True, False)
+  args = (jnp.asarray(x), mask, positions)  # deterministic, no captured attention: the defaults
   variables = as_variables(param_shapes(layer, *args), encoder_layer_params(ref, cfg))
   ours = layer.apply(variables, *args)
   theirs = ref(x_t, src_key_padding_mask=torch.from_numpy(~valid))
@@ -275,7 +275,7 @@ def test_decoder_layer(norm_position):
   positions = jnp.broadcast_to(jnp.arange(T), (B, T))
 
   layer = DecoderLayer(cfg)
-  args = (jnp.asarray(x), jnp.asarray(enc), self_mask, cross_mask, positions, True, False, False)
+  args = (jnp.asarray(x), jnp.asarray(enc), self_mask, cross_mask, positions)
   variables = as_variables(param_shapes(layer, *args), decoder_layer_params(ref, cfg))
   ours = layer.apply(variables, *args)
   theirs = ref(x_t, enc_t, tgt_mask=torch_causal(T, T),
