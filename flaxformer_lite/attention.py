@@ -293,7 +293,7 @@ class MultiHeadAttention(nn.Module):
     the cache.
     """
     cfg = self.config
-    n, k, h = cfg.num_heads, cfg.kv_heads, cfg.head_size
+    n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     self_attention = context is None
     context = x if self_attention else context
     dense = functools.partial(layers.dense_general, cfg)

@@ -54,6 +54,9 @@ class TransformerConfig:
   attention_impl: str | None = None
   remat: str = 'none'  # 'none' | 'full' | 'dots_saveable'
   scan_layers: bool = False
+  # Which of num_kv_heads / head_dim were left None and derived (not a setting: `replace` and
+  # `to_dict` use it so a derived value keeps following d_model and num_heads).
+  _derived: tuple = dataclasses.field(default=(), init=False, repr=False, compare=False)
 
   def __post_init__(self):
     def fail(msg):
@@ -88,8 +91,15 @@ class TransformerConfig:
     for name, allowed in choices.items():
       if getattr(self, name) not in allowed:
         fail(f'{name}={getattr(self, name)!r} is not one of {allowed}')
-    if self.positions == 'rotary' and self.head_size % 2:
-      fail(f'rotary positions need an even head_dim, got head_dim={self.head_size}')
+    # One name each from here on: None resolves to the multi-head count and d_model // heads.
+    object.__setattr__(self, '_derived', tuple(
+        name for name in ('num_kv_heads', 'head_dim') if getattr(self, name) is None))
+    if self.num_kv_heads is None:
+      object.__setattr__(self, 'num_kv_heads', self.num_heads)
+    if self.head_dim is None:
+      object.__setattr__(self, 'head_dim', self.d_model // self.num_heads)
+    if self.positions == 'rotary' and self.head_dim % 2:
+      fail(f'rotary positions need an even head_dim, got head_dim={self.head_dim}')
     for name in ('dropout_rate', 'attention_dropout_rate'):
       value = getattr(self, name)
       if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
@@ -108,27 +118,23 @@ class TransformerConfig:
       fail(f'eos_id={self.eos_id} equals pad_id: generation marks finished rows with pad_id and '
            'never samples it, so it could never stop')
 
-  @property
-  def kv_heads(self) -> int:
-    return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
-
-  @property
-  def head_size(self) -> int:
-    return self.d_model // self.num_heads if self.head_dim is None else self.head_dim
-
   def replace(self, **overrides) -> TransformerConfig:
-    return dataclasses.replace(self, **overrides)
+    """A copy with `overrides`; a derived num_kv_heads / head_dim is derived again."""
+    derived = {name: None for name in self._derived if name not in overrides}
+    return dataclasses.replace(self, **derived, **overrides)
 
   def to_dict(self) -> dict:
-    """JSON-friendly fields (dtypes by name)."""
+    """JSON-friendly fields (dtypes by name; a derived num_kv_heads / head_dim as None)."""
     out = dataclasses.asdict(self)
+    del out['_derived']
+    out.update({name: None for name in self._derived})
     out['dtype'] = jnp.dtype(self.dtype).name
     out['param_dtype'] = jnp.dtype(self.param_dtype).name
     return out
 
   @classmethod
   def from_dict(cls, fields: dict) -> TransformerConfig:
-    known = {f.name for f in dataclasses.fields(cls)}
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(fields) - known)
     if unknown:
       raise ValueError(f'unknown TransformerConfig fields {unknown}')

@@ -60,7 +60,7 @@ def test_presets_build_and_accept_overrides():
   cfg = TransformerConfig.preset('gpt2-small', dropout_rate=0.0, vocab_size=50304)
   assert (cfg.dropout_rate, cfg.vocab_size, cfg.d_model, cfg.num_decoder_layers) == (0.0, 50304,
                                                                                      768, 12)
-  assert cfg.head_size == 64 and cfg.kv_heads == 12
+  assert cfg.head_dim == 64 and cfg.num_kv_heads == 12
 
 
 def test_config_is_frozen_hashable_and_a_jit_static_argument():
@@ -142,3 +142,19 @@ def test_bert_token_types_out_of_range_raise():
   tokens = jnp.ones((1, 4), jnp.int32)
   with pytest.raises(ValueError, match=r'token_types holds 2, outside \[0, type_vocab_size=2\)'):
     model.init(jax.random.key(0), tokens, jnp.array([[0, 1, 2, 0]]))
+
+
+def test_head_counts_and_sizes_have_one_name_each():
+  """num_kv_heads and head_dim are resolved once (None: multi-head, d_model // num_heads); a
+  derived value follows d_model / num_heads through replace() and round-trips as None."""
+  cfg = TransformerConfig.preset('tiny')
+  assert (cfg.num_kv_heads, cfg.head_dim) == (4, 16)
+  wider = cfg.replace(d_model=128, num_heads=8)
+  assert (wider.num_kv_heads, wider.head_dim) == (8, 16)
+  assert cfg.to_dict()['head_dim'] is None and cfg.to_dict()['num_kv_heads'] is None
+  assert TransformerConfig.from_dict(cfg.to_dict()) == cfg
+  explicit = cfg.replace(num_kv_heads=2, head_dim=32)
+  assert explicit.replace(d_model=128).head_dim == 32  # given, so kept
+  assert explicit.to_dict()['num_kv_heads'] == 2
+  assert explicit == TransformerConfig.from_dict(explicit.to_dict())
+  assert cfg == cfg.replace(head_dim=16, num_kv_heads=4)  # the same model, however it was spelled
