@@ -5,9 +5,10 @@
     that breaks this with one `error:` line instead of jax's IndivisibleError traceback. The helper
     only reads the mesh's axis sizes, so most cases run in-process on `AbstractMesh`es; one run of
     `python -m train` with 8 fake CPU devices checks the command line end to end.
-  * Memory: the train step is compiled ahead of time (`train.parallel.compile_steps` given the
-    abstract state and a batch) and refused when XLA's memory analysis says one step needs more
-    than a device has. The available memory is monkeypatched here; nothing big is ever run.
+  * Memory: the train step is compiled ahead of time (`train.parallel`'s `Layout.compile_steps`
+    given the abstract state and a batch) and refused when XLA's memory analysis says one step
+    needs more than a device has. The available memory is monkeypatched here; nothing big is
+    ever run.
 """
 
 from __future__ import annotations
@@ -127,9 +128,9 @@ def test_rules_splitting_over_several_mesh_axes(tiny_config):
 def test_state_shardings_raises_parallel_error(tiny_config):
   """The train program's wrapper: a UsageError (one `error:` line) naming --mesh as given."""
   boxed = _boxed('gpt', tiny_config())
-  layout = parallel.Layout('mesh', _mesh(tensor=8), 8, 'tensor=-1')
+  layout = parallel.MeshLayout(_mesh(tensor=8), 8, 'tensor=-1')
   with pytest.raises(parallel.ParallelError) as info:
-    parallel.state_shardings(layout, None, None, boxed)
+    layout.state_shardings(None, None, boxed)
   assert isinstance(info.value, UsageError)
   assert re.match(r"--mesh tensor=-1: '(kv_)?heads' of size 4 \(.*\) does not divide by "
                   r'tensor=8; use a size for tensor that divides 4$', str(info.value)), info.value
@@ -150,7 +151,7 @@ def text_setup(tmp_path_factory):
 def _train_step(setup):
   return make_train_step(setup.model, setup.task, setup.tx, label_smoothing=0.1,
                          learning_rate_fn=setup.learning_rate,
-                         axis_name='data' if setup.layout.kind == 'pmap' else None)
+                         axis_name=setup.layout.axis_name)
 
 
 def _compile(setup, step, aot=True):
@@ -158,8 +159,8 @@ def _compile(setup, step, aot=True):
   if aot:
     extra = dict(abstract_state=setup.abstract_state, run=setup.run,
                  batch=setup.task.dummy_batch(setup.run.batch_size))
-  train, _ = parallel.compile_steps(step, make_eval_step(setup.model, setup.task), setup.layout,
-                                    setup.shardings, **extra)
+  train, _ = setup.layout.compile_steps(step, make_eval_step(setup.model, setup.task),
+                                       setup.shardings, **extra)
   return train
 
 
@@ -168,9 +169,7 @@ def _fresh_state(setup):
                              setup.task.dummy_batch(setup.run.batch_size))
   with setup.layout.context():
     state = jax.jit(create, out_shardings=setup.shardings)()
-  if setup.layout.kind == 'pmap':
-    state = parallel.put_state(state, setup.layout, setup.shardings)
-  return state
+  return setup.layout.put_state(state, setup.shardings)  # pmap: one copy per device
 
 
 def _mib(n: int) -> str:
@@ -234,7 +233,7 @@ def test_compiled_step_donates_and_matches_the_lazy_one(text_setup, kind):
   setup, _ = text_setup
   if kind == 'pmap':
     layout = parallel.make_layout('pmap', None, setup.run.batch_size)
-    shardings = parallel.state_shardings(layout, setup.tx, setup.abstract_state, None)
+    shardings = layout.state_shardings(setup.tx, setup.abstract_state, None)
     setup = dataclasses.replace(setup, layout=layout, shardings=shardings)
   step = _train_step(setup)
   host_batch = setup.task.dummy_batch(setup.run.batch_size)
@@ -245,12 +244,12 @@ def test_compiled_step_donates_and_matches_the_lazy_one(text_setup, kind):
     assert isinstance(train, jax.stages.Compiled) == aot
     state = _fresh_state(setup)
     with setup.layout.context():
-      new_state, metrics = train(state, parallel.put_batch(host_batch, setup.layout))
+      new_state, metrics = train(state, setup.layout.put_batch(host_batch))
       assert all(x.is_deleted() for x in jax.tree.leaves(state.params))  # donated
-      new_state, metrics = train(new_state, parallel.put_batch(host_batch, setup.layout))
-    unreplicated = parallel.unreplicate(new_state, setup.layout)
+      new_state, metrics = train(new_state, setup.layout.put_batch(host_batch))
+    unreplicated = setup.layout.unreplicate(new_state)
     assert int(unreplicated.step) == 2
-    losses[aot] = float(np.asarray(parallel.unreplicate(metrics, setup.layout)['loss']))
+    losses[aot] = float(np.asarray(setup.layout.unreplicate(metrics)['loss']))
   assert np.isfinite(losses[True]) and losses[True] == losses[False], losses
 
 
@@ -265,3 +264,38 @@ def test_boxed_params_shapes_match_the_unboxed_leaves(tiny_config):
                                                  ('mlp', 64), ('vocab', 64)}
   for s in splits:
     assert s.size in leaves[s.path]
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. one layout object per --parallel kind: the loop calls its methods and never asks which
+
+def test_make_layout_gives_each_kind_its_own_object():
+  n = jax.device_count()
+  rows = 2 * n
+  mesh = parallel.make_layout('mesh', None, rows)
+  pmap = parallel.make_layout('pmap', None, rows)
+  assert isinstance(mesh, parallel.MeshLayout) and mesh.axis_name is None
+  assert isinstance(pmap, parallel.PmapLayout) and pmap.axis_name == 'data'
+  assert mesh.process_rows() == pmap.process_rows() == slice(0, rows)  # one process
+  batch = {'inputs': np.arange(rows * 3).reshape(rows, 3)}
+  assert mesh.put_batch(batch)['inputs'].shape == (rows, 3)
+  assert pmap.put_batch(batch)['inputs'].shape == (n, 2, 3)  # one slice per device
+  tree = {'x': jnp.arange(3.0)}
+  assert mesh.unreplicate(tree) is tree
+  copies = pmap.put_state(tree, None)
+  assert copies['x'].shape == (n, 3)
+  np.testing.assert_array_equal(pmap.unreplicate(copies)['x'], tree['x'])
+
+
+@pytest.mark.parametrize('kind, mesh_text, message', [
+    ('mesh', 'foo=2', "--mesh foo=2: mesh axes ['foo'] are not among ('data', 'fsdp', 'tensor')"),
+    ('mesh', 'data=two', '--mesh data=two: expected comma-separated AXIS=SIZE with AXIS in data, '
+                         'fsdp, tensor and SIZE an integer or -1'),
+    ('mesh', 'data=-1,fsdp=-1', '--mesh data=-1,fsdp=-1: only one mesh axis may be -1'),
+    ('pmap', 'data=1', '--mesh applies to --parallel mesh only'),
+])
+def test_bad_layouts_are_one_line_parallel_errors(kind, mesh_text, message):
+  """The axis names and sizes are checked once, by `sharding.make_mesh`; the syntax by
+  `parse_mesh`."""
+  with pytest.raises(parallel.ParallelError, match=f'^{re.escape(message)}'):
+    parallel.make_layout(kind, mesh_text, 8 * jax.device_count())

@@ -172,8 +172,8 @@ dummy = task.dummy_batch(run.batch_size)
 
 def layout_for(name):
   if name == 'single':
-    return parallel.Layout('mesh', sharding.make_mesh({'data': 1}, jax.devices()[:1]),
-                           run.batch_size)
+    return parallel.MeshLayout(sharding.make_mesh({'data': 1}, jax.devices()[:1]),
+                               run.batch_size)
   if name == 'pmap':
     return parallel.make_layout('pmap', None, run.batch_size)
   return parallel.make_layout('mesh', name, run.batch_size)
@@ -243,7 +243,7 @@ for index, name in enumerate(LAYOUTS):  # index: file names never collide betwee
   layout = layout_for(name)
   abstract_state = jax.eval_shape(lambda: state_lib.create(base.model, task, tx, run.seed, dummy))
   boxed = state_lib.abstract_boxed_params(base.model, task, run.seed, dummy)
-  shardings = parallel.state_shardings(layout, tx, abstract_state, boxed)
+  shardings = layout.state_shardings(tx, abstract_state, boxed)
   setup = dataclasses.replace(base, tx=tx, layout=layout, abstract_state=abstract_state,
                               shardings=shardings)
   state, _ = loop.restore_or_create(setup, NoCheckpoints())
@@ -251,18 +251,17 @@ for index, name in enumerate(LAYOUTS):  # index: file names never collide betwee
          'step_rng_replicated': bool(state.step.sharding.is_fully_replicated
                                      and state.rng.sharding.is_fully_replicated),
          'leading_dims': sorted({x.shape[0] for x in jax.tree.leaves(state.params)})}
-  init = host(parallel.unreplicate(state, layout).params)
+  init = host(layout.unreplicate(state).params)
   step = make_train_step(base.model, task, tx, label_smoothing=run.label_smoothing,
-                         learning_rate_fn=base.learning_rate,
-                         axis_name='data' if layout.kind == 'pmap' else None)
-  train_step, _ = parallel.compile_steps(step, make_eval_step(base.model, task), layout, shardings)
+                         learning_rate_fn=base.learning_rate, axis_name=layout.axis_name)
+  train_step, _ = layout.compile_steps(step, make_eval_step(base.model, task), shardings)
   with layout.context():
-    global_batch = parallel.put_batch(batch, layout)
+    global_batch = layout.put_batch(batch)
     new_state, metrics = train_step(state, global_batch)
   res['batch_shard_shapes'] = sorted({tuple(s.data.shape)
                                       for s in jax.tree.leaves(global_batch)[0].addressable_shards})
-  new = parallel.unreplicate(new_state, layout)
-  m = host(parallel.unreplicate(metrics, layout))
+  new = layout.unreplicate(new_state)
+  m = host(layout.unreplicate(metrics))
   res.update(loss=float(m['loss']), grad_norm=float(m['grad_norm']), step=int(new.step))
   res['placement'] = placement(new.params, adam_mu(new.opt_state))
   res['arrays'] = os.path.join(outdir, f'{task_name}_{index}_{layout.kind}.npz')

@@ -1,12 +1,20 @@
-"""The run's settings: one frozen dataclass filled from the command line."""
+"""The run's settings: one frozen dataclass, and the command line generated from its fields.
+
+Each field of `RunConfig` is declared with `option(...)`: its default, its help text, its group in
+`--help` and, for a closed set of values, its choices. `parser()` builds every option from those
+fields, so a default is written once and `--help` shows it. `RunConfig` validates itself (choices,
+ranges, finiteness), whether it comes from the command line or from code.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import math
+import typing
 
 from flaxformer_lite import PRESETS
+from train import optim
 
 
 class UsageError(ValueError):
@@ -23,121 +31,126 @@ TASK_DEFAULTS = {
     'text': dict(steps=2000, batch_size=32, learning_rate=1e-3, warmup=200),
     'mlm': dict(steps=2000, batch_size=32, learning_rate=1e-3, warmup=200),
 }
+# The options' groups in --help, in order: field metadata 'group' -> title.
+GROUPS = {'model': 'model', 'data': 'data', 'optimization': 'optimization',
+          'checkpoints': 'checkpoints, evaluation and reports', 'parallel': 'parallel'}
+DISTRIBUTED_ARGS = ('coordinator', 'num_processes', 'process_id', 'distributed')
+
+
+def option(default, help: str, group: str, *, choices: tuple | None = None,
+           shown: str | None = None, flag: str | None = None):
+  """A RunConfig field that is also a command-line option.
+
+  `shown`: what --help says of the default (where the value itself would not say it, e.g. None);
+  `flag`: the option's name where it is not --FIELD-NAME (a bool field's flag turns it around).
+  """
+  return dataclasses.field(default=default, metadata=dict(
+      help=help, group=group, choices=choices, shown=shown, flag=flag))
+
+
+def option_name(field_name: str) -> str:
+  return '--' + field_name.replace('_', '-')
+
+
+def _per_task(name: str) -> str:
+  return 'per task (' + ', '.join(f'{task} {TASK_DEFAULTS[task][name]}'
+                                  for task in TASK_NAMES) + ')'
 
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-  task: str = 'dates'
-  preset: str = 'tiny'
-  steps: int | None = None
-  batch_size: int | None = None
-  workdir: str = 'workdir'
-  data: str | None = None
-  seq_len: int = 128
-  seed: int = 0
-  learning_rate: float | None = None
-  schedule: str | None = None  # None: the task's default (rsqrt for seq2seq, else cosine)
-  warmup: int | None = None
-  weight_decay: float = 0.01
-  clip_norm: float = 1.0
-  label_smoothing: float = 0.1
-  accumulate: int = 1
-  dtype: str = 'float32'
-  dropout: float | None = None
-  eval_every: int = 500
-  checkpoint_every: int = 500
-  keep_checkpoints: int = 3
-  log_every: int = 50
-  examples: int = 8
-  on_bad_bytes: str = 'error'
-  on_nan: str = 'stop'
-  progress: bool = True
-  tokenizer: str = 'byte'
-  vocab_size: int = 1024
-  parallel: str = 'mesh'
-  mesh: str | None = None  # e.g. 'data=2,fsdp=2,tensor=2'; None: all devices on 'data'
+  task: str = option('dates', 'what to train', 'model', choices=TASK_NAMES)
+  preset: str = option('tiny', 'model preset', 'model', choices=tuple(sorted(PRESETS)))
+  steps: int | None = option(None, 'total training steps (micro-batches)', 'optimization',
+                             shown=_per_task('steps'))
+  batch_size: int | None = option(None, 'global batch size (all devices)', 'optimization',
+                                  shown=_per_task('batch_size'))
+  workdir: str = option('workdir', 'checkpoints, metrics and plots go here', 'checkpoints')
+  data: str | None = option(None, 'text file/folder (text, mlm) or TSV file (translate)', 'data',
+                            shown="text, mlm: the Python standard library's own source")
+  seq_len: int = option(128, 'sequence length (text, mlm, translate)', 'data')
+  seed: int = option(0, 'initial parameters, dropout and the order of the data', 'data')
+  learning_rate: float | None = option(None, 'peak learning rate', 'optimization',
+                                       shown=_per_task('learning_rate'))
+  schedule: str | None = option(
+      None, 'learning-rate schedule: rsqrt (the paper), cosine or constant', 'optimization',
+      choices=tuple(optim.SCHEDULES), shown='per task: rsqrt for dates and translate, cosine '
+      'for text and mlm')
+  warmup: int | None = option(None, 'warmup steps', 'optimization', shown=_per_task('warmup'))
+  weight_decay: float = option(0.01, "AdamW's weight decay (matrices only)", 'optimization')
+  clip_norm: float = option(1.0, 'gradients are clipped to this global norm', 'optimization')
+  label_smoothing: float = option(0.1, 'label smoothing of the training loss', 'optimization')
+  accumulate: int = option(1, 'micro-batches per optimizer update', 'optimization')
+  dtype: str = option('float32', 'compute dtype (parameters stay float32)', 'model',
+                      choices=('float32', 'bfloat16'))
+  dropout: float | None = option(None, "override the preset's dropout rate", 'model',
+                                 shown="the preset's")
+  eval_every: int = option(500, 'steps between evaluations', 'checkpoints')
+  checkpoint_every: int = option(500, 'steps between checkpoints', 'checkpoints')
+  keep_checkpoints: int = option(3, 'how many of the newest checkpoints are kept', 'checkpoints')
+  log_every: int = option(50, 'steps between lines of metrics.jsonl', 'checkpoints')
+  examples: int = option(8, 'example outputs printed at the end', 'checkpoints')
+  on_bad_bytes: str = option('error', 'invalid UTF-8 in --data: an error, or replaced', 'data',
+                             choices=('error', 'replace'))
+  on_nan: str = option(
+      'stop', 'a step whose loss or gradient norm is not finite is never applied; stop: end '
+      'the run there, the newest checkpoint being the last good one; skip: skip such steps, '
+      'counted in metrics.jsonl as skipped', 'optimization', choices=('stop', 'skip'))
+  progress: bool = option(True, 'hide the progress bar', 'checkpoints', flag='--no-progress',
+                          shown='shown')
+  tokenizer: str = option('byte', 'byte, or sentencepiece: a SentencePiece model trained on the '
+                          'training data (text, translate)', 'data',
+                          choices=('byte', 'sentencepiece'))
+  vocab_size: int = option(1024, 'SentencePiece vocabulary size', 'data')
+  parallel: str = option('mesh', "mesh (jit + shardings) or pmap (one host; under dropout its "
+                         "masks differ from mesh's, which equal one device's)", 'parallel',
+                         choices=('mesh', 'pmap'))
+  mesh: str | None = option(None, 'mesh shape, e.g. data=8 or data=2,fsdp=2,tensor=2 (-1 takes '
+                            'the remaining devices)', 'parallel', shown='every device on data')
 
   def __post_init__(self):
-    if self.task not in TASK_NAMES:
-      raise UsageError(f'--task {self.task!r} is not one of {", ".join(TASK_NAMES)}')
-    if self.preset not in PRESETS:
-      raise UsageError(f'--preset {self.preset!r} is not one of {", ".join(sorted(PRESETS))}')
-    for name in ('steps', 'batch_size', 'seq_len', 'accumulate', 'eval_every', 'checkpoint_every',
-                 'keep_checkpoints', 'log_every', 'warmup'):
-      value = getattr(self, name)
-      if value is not None and value < (0 if name == 'warmup' else 1):
-        raise UsageError(f'--{name.replace("_", "-")} {value} must be positive')
-    for name, low, high in (('learning_rate', 0.0, None), ('weight_decay', -1e-12, None),
-                            ('clip_norm', 0.0, None), ('label_smoothing', -1e-12, 1.0),
-                            ('dropout', -1e-12, 1.0)):
-      value = getattr(self, name)
-      if value is not None and not math.isfinite(value):  # NaN passes every comparison below
-        raise UsageError(f'--{name.replace("_", "-")} {value} must be a finite number')
-      if value is not None and (value <= low or (high is not None and value >= high)):
-        bound = f'in [0, {high})' if high else ('>= 0' if low < 0 else '> 0')
-        raise UsageError(f'--{name.replace("_", "-")} {value} must be {bound}')
-    if self.examples < 0:
-      raise UsageError(f'--examples {self.examples} must be >= 0')
-    if self.dtype not in ('float32', 'bfloat16'):
-      raise UsageError(f'--dtype {self.dtype!r} is not one of float32, bfloat16')
-    if self.schedule not in (None, 'rsqrt', 'cosine', 'constant'):
-      raise UsageError(f'--schedule {self.schedule!r} is not one of rsqrt, cosine, constant')
-    if self.tokenizer not in ('byte', 'sentencepiece'):
-      raise UsageError(f'--tokenizer {self.tokenizer!r} is not one of byte, sentencepiece')
-    if self.parallel not in ('mesh', 'pmap'):
-      raise UsageError(f'--parallel {self.parallel!r} is not one of mesh, pmap')
-    if self.on_bad_bytes not in ('error', 'replace'):
-      raise UsageError(f'--on-bad-bytes {self.on_bad_bytes!r} is not one of error, replace')
-    if self.on_nan not in ('stop', 'skip'):
-      raise UsageError(f'--on-nan {self.on_nan!r} is not one of stop, skip')
+    for field in dataclasses.fields(self):
+      choices, value = field.metadata['choices'], getattr(self, field.name)
+      if choices and value not in choices and not (value is None and field.default is None):
+        raise UsageError(f'{option_name(field.name)} {value!r} is not one of '
+                         f'{", ".join(choices)}')
+    self._check_ranges()
     defaults = TASK_DEFAULTS[self.task]
     for name in ('steps', 'batch_size', 'learning_rate', 'warmup'):
       if getattr(self, name) is None:
         object.__setattr__(self, name, defaults[name])
 
+  def _check_ranges(self):
+    for name in ('steps', 'batch_size', 'seq_len', 'accumulate', 'eval_every', 'checkpoint_every',
+                 'keep_checkpoints', 'log_every', 'warmup'):
+      value = getattr(self, name)
+      if value is not None and value < (0 if name == 'warmup' else 1):
+        raise UsageError(f'{option_name(name)} {value} must be positive')
+    for name, low, high in (('learning_rate', 0.0, None), ('weight_decay', -1e-12, None),
+                            ('clip_norm', 0.0, None), ('label_smoothing', -1e-12, 1.0),
+                            ('dropout', -1e-12, 1.0)):
+      value = getattr(self, name)
+      if value is not None and not math.isfinite(value):  # NaN passes every comparison below
+        raise UsageError(f'{option_name(name)} {value} must be a finite number')
+      if value is not None and (value <= low or (high is not None and value >= high)):
+        bound = f'in [0, {high})' if high else ('>= 0' if low < 0 else '> 0')
+        raise UsageError(f'{option_name(name)} {value} must be {bound}')
+    if self.examples < 0:
+      raise UsageError(f'--examples {self.examples} must be >= 0')
+
 
 def parser() -> argparse.ArgumentParser:
+  """`python -m train`'s options: one per RunConfig field, grouped, plus the multi-host ones."""
   p = argparse.ArgumentParser(prog='python -m train', description=(
       'Train a flaxformer_lite model. Rerunning the same command with the same --workdir '
       'resumes from the newest checkpoint.'))
-  p.add_argument('--task', default='dates', help=f'one of {", ".join(TASK_NAMES)}')
-  p.add_argument('--preset', default='tiny', help=f'model preset: {", ".join(sorted(PRESETS))}')
-  p.add_argument('--steps', type=int, help='total training steps (micro-batches)')
-  p.add_argument('--batch-size', type=int, help='global batch size (all devices)')
-  p.add_argument('--workdir', default='workdir', help='checkpoints, metrics and plots go here')
-  p.add_argument('--data', help='text file/folder (text, mlm) or TSV file (translate)')
-  p.add_argument('--seq-len', type=int, default=128, help='sequence length (text, mlm, translate)')
-  p.add_argument('--seed', type=int, default=0)
-  p.add_argument('--learning-rate', type=float, help='peak learning rate')
-  p.add_argument('--schedule', help='rsqrt (the paper), cosine or constant')
-  p.add_argument('--warmup', type=int, help='warmup steps')
-  p.add_argument('--weight-decay', type=float, default=0.01)
-  p.add_argument('--clip-norm', type=float, default=1.0)
-  p.add_argument('--label-smoothing', type=float, default=0.1)
-  p.add_argument('--accumulate', type=int, default=1, help='micro-batches per optimizer update')
-  p.add_argument('--dtype', default='float32', help='compute dtype: float32 or bfloat16 '
-                 '(parameters stay float32)')
-  p.add_argument('--dropout', type=float, help="override the preset's dropout rate")
-  p.add_argument('--eval-every', type=int, default=500)
-  p.add_argument('--checkpoint-every', type=int, default=500)
-  p.add_argument('--keep-checkpoints', type=int, default=3)
-  p.add_argument('--log-every', type=int, default=50)
-  p.add_argument('--examples', type=int, default=8, help='example outputs printed at the end')
-  p.add_argument('--on-bad-bytes', default='error', help='error (default) or replace')
-  p.add_argument('--on-nan', default='stop', help='a step whose loss or gradient norm is not '
-                 'finite is never applied; stop (default): end the run there, the newest '
-                 'checkpoint being the last good one; skip: skip such steps, counted in '
-                 'metrics.jsonl as skipped')
-  p.add_argument('--tokenizer', default='byte', help='byte (default) or sentencepiece: a '
-                 'SentencePiece model trained on the training data (text, translate)')
-  p.add_argument('--vocab-size', type=int, default=1024, help='SentencePiece vocabulary size')
-  p.add_argument('--no-progress', dest='progress', action='store_false')
-  p.add_argument('--parallel', default='mesh', help='mesh (jit + shardings, default) or pmap '
-                 "(one host; under dropout its masks differ from mesh's, which equal one device's)")
-  p.add_argument('--mesh', help='mesh shape, e.g. data=8 or data=2,fsdp=2,tensor=2 '
-                 '(-1 takes the remaining devices; default: every device on data)')
-  g = p.add_argument_group('multi-host (one process per host; every process runs the same '
-                           'command)')
+  groups = {name: p.add_argument_group(title) for name, title in GROUPS.items()}
+  types = typing.get_type_hints(RunConfig)
+  for field in dataclasses.fields(RunConfig):
+    _add_option(groups[field.metadata['group']], field, types[field.name])
+  # Not RunConfig fields: they say how to join the other processes, not what to train.
+  g = p.add_argument_group('multi-host', 'one process per host; every process runs the same '
+                           'command')
   g.add_argument('--coordinator', help='HOST:PORT of process 0')
   g.add_argument('--num-processes', type=int)
   g.add_argument('--process-id', type=int)
@@ -146,7 +159,20 @@ def parser() -> argparse.ArgumentParser:
   return p
 
 
-DISTRIBUTED_ARGS = ('coordinator', 'num_processes', 'process_id', 'distributed')
+def _add_option(group, field: dataclasses.Field, hint) -> None:
+  meta = field.metadata
+  shown = field.default if meta['shown'] is None else meta['shown']
+  help_text = f'{meta["help"]} (default: {shown})'.replace('%', '%%')  # argparse formats with %
+  flag = meta['flag'] or option_name(field.name)
+  if hint is bool:
+    group.add_argument(flag, dest=field.name, help=help_text, default=field.default,
+                       action='store_false' if field.default else 'store_true')
+    return
+  # Choices are shown, not enforced here: RunConfig refuses a bad value with its one-line error.
+  value_type = next(t for t in typing.get_args(hint) or (hint,) if t is not type(None))
+  choices = meta['choices']
+  group.add_argument(flag, dest=field.name, type=value_type, default=field.default,
+                     help=help_text, metavar='{' + ','.join(choices) + '}' if choices else None)
 
 
 def from_args(argv=None) -> tuple[RunConfig, dict]:

@@ -92,10 +92,7 @@ class Setup:
 
 def build(run: RunConfig) -> Setup:
   fingerprint = data.fingerprint(run.data)
-  task = TASKS[run.task](name=run.task, seed=run.seed, seq_len=run.seq_len, data_path=run.data,
-                         on_bad_bytes=run.on_bad_bytes, tokenizer_name=run.tokenizer,
-                         vocab_size=run.vocab_size, workdir=run.workdir,
-                         data_fingerprint=fingerprint)
+  task = TASKS[run.task](run, data_fingerprint=fingerprint)
   task.prepare()
   overrides = {'dtype': jnp.dtype(run.dtype)}
   if run.dropout is not None:
@@ -114,15 +111,16 @@ def build(run: RunConfig) -> Setup:
   abstract_state = jax.eval_shape(
       functools.partial(state_lib.create, model, task, tx, run.seed, dummy))
   boxed = state_lib.abstract_boxed_params(model, task, run.seed, dummy)
-  shardings = parallel.state_shardings(layout, tx, abstract_state, boxed)
+  shardings = layout.state_shardings(tx, abstract_state, boxed)
   return Setup(run, task, model, tx, learning_rate, layout, abstract_state, shardings,
                fingerprint)
 
 
 def restore_or_create(setup: Setup, ckpts: checkpoint.Checkpoints):
   """(state, step): the newest checkpoint that restores, straight into the layout's shardings,
-  or a new state at step 0. A checkpoint saved under another mesh (or device count) restores
-  under this one; damaged newer ones are moved aside."""
+  or a new state at step 0, placed where the layout's train step takes it. A checkpoint saved
+  under another mesh (or device count) restores under this one; damaged newer ones are moved
+  aside."""
   newest = ckpts.restore_newest(checkpoint.abstract(setup.abstract_state, setup.shardings),
                                 setup.meta())
   if newest is None:
@@ -132,15 +130,13 @@ def restore_or_create(setup: Setup, ckpts: checkpoint.Checkpoints):
       state, start = jax.jit(create, out_shardings=setup.shardings)(), 0
   else:
     start, state = newest
-  if setup.layout.kind == 'pmap':
-    state = parallel.put_state(state, setup.layout, setup.shardings)
-  return state, start
+  return setup.layout.put_state(state, setup.shardings), start
 
 
 def evaluate(setup: Setup, eval_step, params, batches) -> dict:
   sums = None
   for batch in batches:
-    out = eval_step(params, parallel.put_batch(batch, setup.layout))
+    out = eval_step(params, setup.layout.put_batch(batch))
     sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
   sums = jax.device_get(sums)
   weight = max(float(sums['weight']), 1.0)
@@ -190,7 +186,7 @@ def _check_finite(setup: Setup, step: int, metrics, last_saved: int | None) -> N
   """Under --on-nan stop, raises Diverged when step `step` was not applied (non-finite)."""
   if setup.run.on_nan != 'stop':
     return
-  m = jax.device_get(parallel.unreplicate(metrics, setup.layout))
+  m = jax.device_get(setup.layout.unreplicate(metrics))
   if m['skipped']:
     newest = f'step {last_saved}' if last_saved else 'none'
     raise Diverged(f'step {step}: the loss is {float(m["loss"])} and the gradient norm '
@@ -204,10 +200,10 @@ def _train(setup: Setup, state, start: int, ckpts, log: MetricsLog, stop) -> dic
   layout = setup.layout
   train_step = make_train_step(model, task, setup.tx, label_smoothing=run.label_smoothing,
                                learning_rate_fn=setup.learning_rate, accumulate=run.accumulate,
-                               axis_name='data' if layout.kind == 'pmap' else None)
+                               axis_name=layout.axis_name)
   # Compiled ahead of time: a step that cannot fit in memory is refused before it runs.
-  train_step, eval_step = parallel.compile_steps(
-      train_step, make_eval_step(model, task), layout, setup.shardings,
+  train_step, eval_step = layout.compile_steps(
+      train_step, make_eval_step(model, task), setup.shardings,
       abstract_state=setup.abstract_state, batch=task.dummy_batch(run.batch_size), run=run)
   rows = layout.process_rows()
   eval_batches = [{k: v[rows] for k, v in b.items()} for b in task.eval_batches(run.batch_size)]
@@ -222,7 +218,7 @@ def _train(setup: Setup, state, start: int, ckpts, log: MetricsLog, stop) -> dic
   last_saved, previous = (start or None), None
   for step in range(start, run.steps):
     with layout.context():
-      state, metrics = train_step(state, parallel.put_batch(next(batches), layout))
+      state, metrics = train_step(state, layout.put_batch(next(batches)))
     if previous is not None:  # the step before, which has finished: this one keeps the device busy
       _check_finite(setup, *previous, last_saved)
     done, previous = step + 1, (step + 1, metrics)
@@ -238,7 +234,7 @@ def _train(setup: Setup, state, start: int, ckpts, log: MetricsLog, stop) -> dic
     if stopping or done % run.checkpoint_every == 0 or done == run.steps:
       _check_finite(setup, done, metrics, last_saved)  # a skipped step is never saved (stop)
       previous = None
-      ckpts.save(done, parallel.unreplicate(state, layout), setup.meta())
+      ckpts.save(done, layout.unreplicate(state), setup.meta())
       last_saved = done
     if stopping:
       ckpts.wait()  # "saved" means committed: a rerun will find it
@@ -255,7 +251,7 @@ def _train(setup: Setup, state, start: int, ckpts, log: MetricsLog, stop) -> dic
   if final is None:  # resumed a run that had already finished
     final = _evaluate_all(setup, eval_step, state, eval_batches, run.examples)
   result, lines = final
-  _report(setup, parallel.unreplicate(state, layout), result, lines, is_main)
+  _report(setup, layout.unreplicate(state), result, lines, is_main)
   log.close()
   return result
 
@@ -263,7 +259,7 @@ def _train(setup: Setup, state, start: int, ckpts, log: MetricsLog, stop) -> dic
 def _log_window(setup: Setup, log: MetricsLog, bar, done: int, metrics, window, seconds: float):
   """One metrics.jsonl line for the steps since the last: the last step's figures, the
   window's tokens/s and its count of skipped (non-finite) steps."""
-  m, window = jax.device_get(parallel.unreplicate((metrics, window), setup.layout))
+  m, window = jax.device_get(setup.layout.unreplicate((metrics, window)))
   tps = float(np.max(window['tokens'])) / max(seconds, 1e-9)
   skipped = float(np.max(window['skipped']))
   log.write(done, 'train', loss=m['loss'], accuracy=m['accuracy'], grad_norm=m['grad_norm'],
@@ -282,7 +278,7 @@ def _evaluate_all(setup: Setup, eval_step, state, eval_batches, n_examples: int)
   # Decoding runs outside the mesh's rules: its batch sizes need not split over the devices.
   extra, lines = {}, []
   if isinstance(setup.task, Seq2SeqTask) or n_examples:
-    params = parallel.unreplicate(state, setup.layout).params
+    params = setup.layout.unreplicate(state).params
     extra, lines = setup.task.examples(setup.model, params, n_examples)
   return {**result, **extra}, lines
 

@@ -7,21 +7,32 @@ import jax.numpy as jnp
 import optax
 
 
+def _rsqrt(peak: float, warmup: int, total: int) -> optax.Schedule:
+  """The paper's: linear warmup, then peak * sqrt(warmup / step) (d_model^-0.5 folded into the
+  peak)."""
+  def rsqrt(step):
+    step = jnp.maximum(step, 1).astype(jnp.float32)
+    return peak * jnp.minimum(step / warmup, jnp.sqrt(warmup / step))
+  return rsqrt
+
+
+def _cosine(peak: float, warmup: int, total: int) -> optax.Schedule:
+  """Linear warmup, then cosine decay to 10% of the peak."""
+  return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total, warmup + 1),
+                                            end_value=0.1 * peak)
+
+
+def _constant(peak: float, warmup: int, total: int) -> optax.Schedule:
+  return optax.constant_schedule(peak)
+
+
+# --schedule's choices (RunConfig validates the name against these keys).
+SCHEDULES = {'rsqrt': _rsqrt, 'cosine': _cosine, 'constant': _constant}
+
+
 def schedule(name: str, peak: float, warmup: int, total: int) -> optax.Schedule:
-  """'rsqrt': the paper's linear warmup then peak * sqrt(warmup / step) (d_model^-0.5 folded
-  into the peak); 'cosine': linear warmup then cosine decay to 10% of the peak; 'constant'."""
-  warmup = max(1, warmup)
-  if name == 'rsqrt':
-    def rsqrt(step):
-      step = jnp.maximum(step, 1).astype(jnp.float32)
-      return peak * jnp.minimum(step / warmup, jnp.sqrt(warmup / step))
-    return rsqrt
-  if name == 'cosine':
-    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total, warmup + 1),
-                                              end_value=0.1 * peak)
-  if name == 'constant':
-    return optax.constant_schedule(peak)
-  raise ValueError(f'schedule={name!r} is not one of rsqrt, cosine, constant')
+  """The learning rate at each optimizer update: one of SCHEDULES by name."""
+  return SCHEDULES[name](peak, max(1, warmup), total)
 
 
 def decay_mask(params):

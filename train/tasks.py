@@ -13,6 +13,7 @@ import numpy as np
 
 from flaxformer_lite import GPT, BertEncoder, Transformer, TransformerConfig, generate
 from train import data
+from train.config import RunConfig
 from train.data import BOS, EOS, MASK, PAD
 
 
@@ -38,15 +39,12 @@ def seq2seq_example(src: str, tgt: str, src_len: int, tgt_len: int,
 
 @dataclasses.dataclass
 class Task:
-  """What the loop needs from a task. `batch_size` is global (all devices together)."""
-  name: str
-  seed: int
-  seq_len: int
-  data_path: str | None = None
-  on_bad_bytes: str = 'error'
-  tokenizer_name: str = 'byte'
-  vocab_size: int = 1024  # SentencePiece only
-  workdir: str = '.'
+  """What the loop needs from a task. `batch_size` is global (all devices together).
+
+  The task reads its options (seed, seq_len, data, on_bad_bytes, tokenizer, vocab_size, workdir)
+  from `run`; e.g. `TASKS['text'](RunConfig(task='text', seq_len=32))`.
+  """
+  run: RunConfig = dataclasses.field(default_factory=RunConfig)
   data_fingerprint: str | None = None  # of --data, kept with the tokenizer trained on it
 
   tokenizer = data.ByteTokenizer()
@@ -64,17 +62,17 @@ class Task:
 
   @property
   def max_positions(self) -> int:
-    return self.seq_len
+    return self.run.seq_len
 
   def prepare(self) -> None:
     """Reads/generates the data; raises data.DataError for bad user data."""
 
   def make_tokenizer(self, texts: list[str]) -> None:
-    if self.tokenizer_name == 'sentencepiece':
-      path = str(pathlib.Path(self.workdir).absolute() / 'tokenizer.model')
+    if self.run.tokenizer == 'sentencepiece':
+      path = str(pathlib.Path(self.run.workdir).absolute() / 'tokenizer.model')
       # One process trains (the workdir may be shared), the others wait and load its model.
       if jax.process_index() == 0:
-        data.SentencePieceTokenizer.train_or_load(texts, path, self.vocab_size,
+        data.SentencePieceTokenizer.train_or_load(texts, path, self.run.vocab_size,
                                                   self.data_fingerprint)
       if jax.process_count() > 1:
         multihost_utils.sync_global_devices('tokenizer trained')
@@ -175,16 +173,16 @@ class DatesTask(Seq2SeqTask):
   """Human-written dates in many formats -> ISO 8601, held-out dates for evaluation."""
 
   def train_examples(self):
-    seed, src_len, tgt_len = self.seed, self.src_len, self.tgt_len
+    seed, src_len, tgt_len = self.run.seed, self.src_len, self.tgt_len
     return grain.MapDataset.range(2 ** 62).map(
         lambda i: seq2seq_example(*data.date_example(seed, i, 'train'), src_len, tgt_len))
 
   def prepare(self):
-    if self.tokenizer_name != 'byte':
+    if self.run.tokenizer != 'byte':
       raise data.DataError('--tokenizer sentencepiece applies to --task text and translate')
 
   def eval_pairs(self):
-    return [data.date_example(self.seed, i, 'eval') for i in range(1000)]
+    return [data.date_example(self.run.seed, i, 'eval') for i in range(1000)]
 
 
 class TranslateTask(Seq2SeqTask):
@@ -193,16 +191,16 @@ class TranslateTask(Seq2SeqTask):
   tgt_len = 64
 
   def prepare(self):
-    if self.data_path is None:
+    if self.run.data is None:
       raise data.DataError('--task translate needs --data PATH (tab-separated sentence pairs)')
-    self.src_len = self.tgt_len = self.seq_len
+    self.src_len = self.tgt_len = self.run.seq_len
     self._train, self._eval = data.split_documents(
-        data.read_pairs(self.data_path, self.on_bad_bytes), 'sentence pairs')
+        data.read_pairs(self.run.data, self.run.on_bad_bytes), 'sentence pairs')
     self.make_tokenizer([text for pair in self._train for text in pair])
 
   def train_examples(self):
     pairs, src_len, tgt_len, tok = self._train, self.src_len, self.tgt_len, self.tokenizer
-    return (grain.MapDataset.range(len(pairs)).shuffle(seed=self.seed).repeat(None)
+    return (grain.MapDataset.range(len(pairs)).shuffle(seed=self.run.seed).repeat(None)
             .map(lambda i: seq2seq_example(*pairs[i], src_len, tgt_len, tok)))
 
   def eval_pairs(self):
@@ -215,30 +213,30 @@ class TextTask(Task):
 
   def prepare(self):
     train_docs, eval_docs, note = data.split_text(
-        data.text_documents(self.data_path, self.on_bad_bytes))
+        data.text_documents(self.run.data, self.run.on_bad_bytes))
     if note and jax.process_index() == 0:
       print(note)
-    if self.tokenizer_name != 'byte' and isinstance(self, MLMTask):
+    if self.run.tokenizer != 'byte' and isinstance(self, MLMTask):
       raise data.DataError('--tokenizer sentencepiece applies to --task text and translate')
     self.make_tokenizer(train_docs)
     self._train = data.token_stream(train_docs, self.tokenizer)
     self._eval = data.token_stream(eval_docs, self.tokenizer)
-    if len(self._train) <= self.seq_len + 1:
+    if len(self._train) <= self.run.seq_len + 1:
       raise data.DataError(f'--data holds {len(self._train)} training tokens, fewer than one '
-                           f'sequence of --seq-len {self.seq_len}')
+                           f'sequence of --seq-len {self.run.seq_len}')
 
   def window(self, stream, rng) -> dict:
-    start = rng.integers(0, max(1, len(stream) - self.seq_len - 1))
-    chunk = data.pad_to(stream[start:start + self.seq_len + 1], self.seq_len + 1)
+    start = rng.integers(0, max(1, len(stream) - self.run.seq_len - 1))
+    chunk = data.pad_to(stream[start:start + self.run.seq_len + 1], self.run.seq_len + 1)
     return {'inputs': chunk[:-1], 'targets': chunk[1:]}
 
   def train_examples(self):
-    seed, stream = self.seed, self._train
+    seed, stream = self.run.seed, self._train
     return grain.MapDataset.range(2 ** 62).map(
         lambda i: self.window(stream, np.random.default_rng([seed, i])))
 
   def eval_batches(self, batch_size, num_batches=8):
-    rng = np.random.default_rng([self.seed, 2 ** 31])
+    rng = np.random.default_rng([self.run.seed, 2 ** 31])
     return [_stack([self.window(self._eval, rng) for _ in range(batch_size)])
             for _ in range(num_batches)]
 
@@ -254,7 +252,7 @@ class TextTask(Task):
     prompt = self.tokenizer.encode('def ')[None]
     out = generate(model, {'params': params}, prompt,
                    max_new_tokens=min(96, model.config.max_len - prompt.shape[1]),
-                   temperature=0.8, top_k=40, rng=jax.random.key(self.seed))
+                   temperature=0.8, top_k=40, rng=jax.random.key(self.run.seed))
     return {}, ['def ' + self.tokenizer.decode(to_host(out)[0])]
 
 
@@ -265,10 +263,10 @@ class MLMTask(TextTask):
 
   def window(self, stream, rng):
     tokens = super().window(stream, rng)['inputs']
-    chosen = (rng.random(self.seq_len) < 0.15) & (tokens != PAD)
-    action = rng.random(self.seq_len)
+    chosen = (rng.random(self.run.seq_len) < 0.15) & (tokens != PAD)
+    action = rng.random(self.run.seq_len)
     inputs = np.where(chosen & (action < 0.8), MASK, tokens)
-    random_tokens = rng.integers(4, 4 + 256, self.seq_len)  # a random byte
+    random_tokens = rng.integers(4, 4 + 256, self.run.seq_len)  # a random byte
     inputs = np.where(chosen & (action >= 0.8) & (action < 0.9), random_tokens, inputs)
     return {'inputs': inputs.astype(np.int32), 'targets': tokens,
             'weights': chosen.astype(np.float32)}
