@@ -14,6 +14,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from flaxformer_lite import blockwise, fused, layers
 from flaxformer_lite.config import TransformerConfig
@@ -297,13 +298,20 @@ class MultiHeadAttention(nn.Module):
     self_attention = context is None
     context = x if self_attention else context
     dense = functools.partial(layers.dense_general, cfg)
+    # Decoding with cross-attention: the context's keys/values are projected at the first step
+    # and kept in the cache, so each later token costs O(S*D) attention, not O(S*D^2).
+    cross_cached = (decode and not self_attention and not self.is_initializing()
+                    and self.has_variable('cache', 'cross_key'))
 
     if cfg.fused_qkv and self_attention and k == n:
       qkv = dense((3, n, h), ('embed', None, 'heads', 'head_dim'), name='qkv')(x)
       query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     else:
       query = dense((n, h), ('embed', 'heads', 'head_dim'), name='query')(x)
-      if cfg.fused_qkv:
+      if cross_cached:
+        key = self.get_variable('cache', 'cross_key')
+        value = self.get_variable('cache', 'cross_value')
+      elif cfg.fused_qkv:
         kv = dense((2, k, h), ('embed', None, 'kv_heads', 'head_dim'), name='kv')(context)
         key, value = kv[:, :, 0], kv[:, :, 1]
       else:
@@ -316,12 +324,14 @@ class MultiHeadAttention(nn.Module):
       query = apply_rotary(query, positions, cfg.rope_base)
       key = apply_rotary(key, positions, cfg.rope_base)
 
-    if decode:
-      if not self_attention:
-        raise ValueError('decode=True caches self-attention only; cross-attention keys come '
-                         'from the encoder output')
+    if decode and self_attention:
       key, value, mask = self._update_cache(key, value, positions)
       is_causal = False  # the cache's mask holds causality
+    elif decode and not cross_cached and not self.is_initializing():
+      # Created at the first decoding step, not at init: the zero cache has no stale entry that
+      # could pass for the source's keys.
+      self.put_variable('cache', 'cross_key', key)
+      self.put_variable('cache', 'cross_value', value)
     dropout_rng = None
     dropout_rate = 0.0 if deterministic else cfg.attention_dropout_rate
     if dropout_rate > 0.0:
@@ -346,9 +356,11 @@ class MultiHeadAttention(nn.Module):
       raise ValueError('decode=True needs per-example positions [batch, length]')
     batch = jnp.arange(key.shape[0])[:, None]
     length = cached_key.value.shape[1]
-    if not isinstance(positions, jax.core.Tracer) and int(positions.max()) >= length:
-      raise ValueError(f'decoding position {int(positions.max())} is past the cache length '
-                       f'{length} set at init(..., decode=True)')
+    # NumPy on a concrete array: under nn.scan even a concrete array's jnp.max is traced.
+    last = None if isinstance(positions, jax.core.Tracer) else int(np.asarray(positions).max())
+    if last is not None and last >= length:
+      raise ValueError(f'decoding position {last} is past the cache length {length} set at '
+                       'init(..., decode=True)')
     # Pad tokens (position -1) and positions past the end are dropped by the scatter.
     slots = jnp.where(positions >= 0, positions, length)
     cached_key.value = cached_key.value.at[batch, slots].set(key, mode='drop')

@@ -49,7 +49,8 @@ class DecoderLayer(nn.Module):
   """Masked self-attention + encoder-decoder attention + feed-forward (the paper's decoder layer).
 
   With `encoded=None` the cross-attention sublayer is absent: the decoder-only (GPT) block.
-  `decode=True` attends over (and appends to) the key/value cache.
+  `decode=True` attends over (and appends to) the key/value cache; the cross-attention's keys and
+  values are projected once, at the first decoding step, and read from the cache after.
   """
   config: TransformerConfig
   deterministic: bool = True
@@ -71,8 +72,8 @@ class DecoderLayer(nn.Module):
     if encoded is not None:
       cross_attn = MultiHeadAttention(cfg, name='cross_attention')
       x = residual(
-          cfg, x, lambda h: cross_attn(h, encoded, mask=cross_mask, deterministic=deterministic,
-                                  capture_attention=capture),
+          cfg, x, lambda h: cross_attn(h, encoded, mask=cross_mask, decode=self.decode,
+                                  deterministic=deterministic, capture_attention=capture),
           layers.norm(cfg, 'norm_cross_attention'), drop, deterministic)
     ff = layers.FeedForward(cfg, name='mlp')
     x = residual(cfg, x, lambda h: ff(h, deterministic), layers.norm(cfg, 'norm_mlp'), drop,

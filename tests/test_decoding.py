@@ -251,3 +251,33 @@ def test_beam_search_seq2seq_and_scan_layers_agree():
   np.testing.assert_array_equal(a, b)
   with pytest.raises(ValueError, match='beam_size=0'):
     beam_search(plain, variables, src, beam_size=0, max_new_tokens=5)
+
+
+@pytest.mark.parametrize('scan_layers', [False, True])
+def test_cross_attention_keys_and_values_are_projected_once(scan_layers):
+  """The first decoding step stores each layer's cross-attention keys/values in the cache; the
+  later steps read them: their logits do not depend on the encoder output passed in any more,
+  and equal the full (uncached) pass."""
+  model = Transformer(CFG.replace(scan_layers=scan_layers))
+  src = jnp.asarray(PROMPTS)
+  tgt = jnp.array([[CFG.bos_id, 7, 9]] * len(PROMPTS), jnp.int32)
+  variables = model.init(jax.random.key(5), src, tgt)
+  encoded = model.apply(variables, src, method='encode')
+  cache = model.init(jax.random.key(0), src, tgt, decode=True)['cache']
+  cache = jax.tree.map(jnp.zeros_like, cache)
+  assert 'cross_key' not in str(jax.tree_util.tree_structure(cache))  # no stale entry at init
+
+  def step(cache, encoded, tokens):
+    return model.apply({**variables, 'cache': cache}, encoded, src, tokens, decode=True,
+                       mutable=['cache'], method='decode')
+
+  _, mutated = step(cache, encoded, tgt[:, :1])
+  cache = mutated['cache']
+  cross = [x for path, x in jax.tree_util.tree_flatten_with_path(cache)[0]
+           if 'cross_key' in jax.tree_util.keystr(path)]
+  assert len(cross) == (1 if scan_layers else CFG.num_decoder_layers)
+  logits, _ = step(cache, encoded, tgt[:, 1:2])
+  ignored, _ = step(cache, jnp.zeros_like(encoded), tgt[:, 1:2])
+  np.testing.assert_array_equal(logits, ignored)
+  full = model.apply(variables, src, tgt)
+  np.testing.assert_allclose(logits[:, 0], full[:, 1], atol=1e-5)
