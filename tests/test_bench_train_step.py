@@ -34,3 +34,14 @@ def test_measure_quick_returns_finite_positive_numbers():
     for key in ('step_ms', 'tokens_per_s', 'loss_first', 'loss_last'):
       assert math.isfinite(r[key]) and r[key] > 0, (key, r)
     assert r['steps'] == 2
+
+
+def test_compile_time_compiles_plain_and_scanned_steps():
+  """benchmarks.compile_time lowers and compiles a full step for both layer layouts (no timing is
+  asserted: the figures live in benchmarks/results/)."""
+  from benchmarks import compile_time
+  from flaxformer_lite import TransformerConfig
+  for scan in (False, True):
+    cfg = TransformerConfig.preset('tiny', num_decoder_layers=2, scan_layers=scan, max_len=16)
+    seconds = compile_time.compile_seconds(cfg, batch=2, seq_len=8)
+    assert math.isfinite(seconds) and seconds > 0
