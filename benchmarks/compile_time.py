@@ -12,7 +12,6 @@ Writes benchmarks/results/compile_time-<device>.json.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import pathlib
 import time
@@ -28,8 +27,8 @@ from flaxformer_lite import GPT, TransformerConfig
 RESULTS = pathlib.Path(__file__).parent / 'results'
 
 
-def compile_seconds(cfg: TransformerConfig, batch: int, seq_len: int) -> float:
-  """Wall seconds to lower and compile one AdamW training step of GPT(cfg)."""
+def train_step(cfg: TransformerConfig, batch: int, seq_len: int):
+  """(jitted AdamW step of GPT(cfg), its abstract (params, opt_state, tokens [B, T + 1]))."""
   model, tx = GPT(cfg), optax.adamw(3e-4)
   tokens = jax.ShapeDtypeStruct((batch, seq_len + 1), jnp.int32)  # inputs and shifted targets
   params = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), jnp.ones(
@@ -44,9 +43,15 @@ def compile_seconds(cfg: TransformerConfig, batch: int, seq_len: int) -> float:
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
+  return jax.jit(step, donate_argnums=(0, 1)), (params, opt_state, tokens)
+
+
+def compile_seconds(cfg: TransformerConfig, batch: int, seq_len: int) -> float:
+  """Wall seconds to lower and compile `train_step` (a fresh compilation cache each time)."""
+  step, args = train_step(cfg, batch, seq_len)
   jax.clear_caches()
   start = time.perf_counter()
-  jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, tokens).compile()
+  step.lower(*args).compile()
   return time.perf_counter() - start
 
 

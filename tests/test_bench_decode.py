@@ -1,6 +1,5 @@
 """benchmarks/decode.py: the uncached loop agrees with `generate`, and a tiny measuring run."""
 
-import math
 
 import numpy as np
 import pytest
@@ -37,17 +36,15 @@ def test_steps_run_counts_columns_until_every_row_ends():
   assert decode.steps_run(np.array([[9, 0, 0], [5, 9, 0]]), eos_id=9) == 2
 
 
-def test_measure_quick_returns_finite_positive_numbers():
+def test_measure_quick_runs_every_peer_to_the_full_length():
+  """A quick run measures every row and peer, each making all its new tokens (transformers is
+  made never to stop early). Timings are not asserted: they are the benchmark's output."""
   pytest.importorskip('transformers')
   setup = dict(gpt=TINY, transformer=TINY, prompt_len=8, new_tokens=4, uncached_new=2,
                batches=(2,), source_lens=(8, 16))
   result = decode.measure(setup, repeats=1)
   assert [(r['model'], r['batch']) for r in result['rows']] == [('gpt', 2), ('transformer', 2)]
   for row in result['rows']:
-    for key in ('cached', 'uncached', 'transformers'):
-      for field in ('tokens_per_s', 'ms_per_token', 'seconds'):
-        assert math.isfinite(row[key][field]) and row[key][field] > 0, (key, field, row)
-    assert row['transformers']['new_tokens'] == 4
+    assert row['cached']['new_tokens'] == row['transformers']['new_tokens'] == 4
+    assert row['uncached']['new_tokens'] == 2
   assert [r['source_len'] for r in result['source_sweep']] == [8, 16]
-  assert all(r['ms_per_token'] > 0 and math.isfinite(r['decode_ms_per_token'])
-             for r in result['source_sweep'])
