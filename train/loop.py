@@ -78,12 +78,11 @@ class Setup:
   layout: parallel.Layout
   abstract_state: object
   shardings: object
-  data_fingerprint: str | None = None
 
   def meta(self) -> dict:
     """What a checkpoint (and config.json) says of the run it belongs to."""
     return {'task': self.run.task, 'run': dataclasses.asdict(self.run),
-            'model_config': self.model_config.to_dict(), 'data': self.data_fingerprint}
+            'model_config': self.model_config.to_dict(), 'data': self.task.data_fingerprint}
 
   @property
   def model_config(self):
@@ -91,8 +90,7 @@ class Setup:
 
 
 def build(run: RunConfig) -> Setup:
-  fingerprint = data.fingerprint(run.data)
-  task = TASKS[run.task](run, data_fingerprint=fingerprint)
+  task = TASKS[run.task](run, data_fingerprint=data.fingerprint(run.data))
   task.prepare()
   overrides = {'dtype': jnp.dtype(run.dtype)}
   if run.dropout is not None:
@@ -112,8 +110,7 @@ def build(run: RunConfig) -> Setup:
       functools.partial(state_lib.create, model, task, tx, run.seed, dummy))
   boxed = state_lib.abstract_boxed_params(model, task, run.seed, dummy)
   shardings = layout.state_shardings(tx, abstract_state, boxed)
-  return Setup(run, task, model, tx, learning_rate, layout, abstract_state, shardings,
-               fingerprint)
+  return Setup(run, task, model, tx, learning_rate, layout, abstract_state, shardings)
 
 
 def restore_or_create(setup: Setup, ckpts: checkpoint.Checkpoints):
