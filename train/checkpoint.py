@@ -151,9 +151,8 @@ class Checkpoints:
 
   def restore(self, step: int, abstract_state):
     """`abstract_state`: ShapeDtypeStructs with shardings, so arrays land where the step wants."""
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-    return restored['state'], restored['meta']
+    return self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state)))['state']
 
   def restore_newest(self, abstract_state, requested: dict) -> tuple[int, object] | None:
     """(step, state) of the newest checkpoint that restores; None when there is none.
@@ -173,7 +172,7 @@ class Checkpoints:
       if _all_agree(error is None):
         check(step, meta, requested)
         try:
-          state, _ = self.restore(step, abstract_state)
+          state = self.restore(step, abstract_state)
         except Exception as e:  # noqa: BLE001
           state, error = None, e
           ignore_abandoned_reads()
