@@ -49,6 +49,9 @@ class Decoder:
   # The axis of each cache leaf that holds the B rows: an int, or a pytree prefix of the cache
   # with int leaves (like jax.vmap's in_axes), e.g. 1 for a layer stack cached under nn.scan.
   cache_batch_axes: Any = 0
+  # Names of cache leaves that hold the same value for every beam of an example (e.g. the
+  # cross-attention keys of the repeated source): beam search never reorders them.
+  beam_shared: tuple[str, ...] = ()
 
 
 def sample_logits(logits, rng, *, temperature=0.0, top_k=None, top_p=None):
@@ -194,15 +197,22 @@ def _normalized(logp, length, length_penalty):
   return logp / length.astype(jnp.float32) ** length_penalty
 
 
-def _gather_beams(cache, parents, batch_axes):
+def _gather_beams(cache, parents, batch_axes, shared=()):
   """Reorders the cache's rows by `parents [B, W]` (the beam each new beam continues).
 
-  `batch_axes`: the axis of each leaf that holds the B * W rows (see `Decoder`).
+  `batch_axes`: the axis of each leaf that holds the B * W rows (see `Decoder`). Leaves named
+  in `shared` are the same for all beams of an example, and a parent is always a beam of the
+  same example, so they are left as they are: no copy per step.
   """
   batch, beam_size = parents.shape
   rows = (parents + beam_size * jnp.arange(batch)[:, None]).reshape(-1)
-  return jax.tree.map(lambda axis, tree: jax.tree.map(lambda x: jnp.take(x, rows, axis), tree),
-                      batch_axes, cache)
+
+  def gather(axis, tree):
+    def leaf(path, x):
+      name = getattr(path[-1], 'key', None) if path else None
+      return x if name in shared else jnp.take(x, rows, axis)
+    return jax.tree_util.tree_map_with_path(leaf, tree)
+  return jax.tree.map(gather, batch_axes, cache)
 
 
 def _beam_step(decoder, length_penalty, max_new_tokens, processors, state):
@@ -230,7 +240,7 @@ def _beam_step(decoder, length_penalty, max_new_tokens, processors, state):
   live_logp, keep = jax.lax.top_k(jnp.where(ends, _NEG, cand_logp), beam_size)
   token = jnp.take_along_axis(token, keep, axis=1).reshape(-1)
   cache = _gather_beams(state.cache, jnp.take_along_axis(parent, keep, axis=1),
-                        decoder.cache_batch_axes)
+                        decoder.cache_batch_axes, decoder.beam_shared)
   # The last column is only chosen, never fed back.
   logits, cache = jax.lax.cond(i + 1 < max_new_tokens,
                                lambda: decoder.tokens_to_logits(cache, token),

@@ -110,7 +110,8 @@ def _decoder(cfg, step, cache, logits) -> Decoder:
   return Decoder(cache=cache, logits=logits, tokens_to_logits=tokens_to_logits,
                  pad_id=cfg.pad_id, eos_id=cfg.eos_id,
                  # Under scan_layers the layer stack's cache is stacked on a leading layer axis.
-                 cache_batch_axes={'decode_position': 0, 'decoder': int(cfg.scan_layers)})
+                 cache_batch_axes={'decode_position': 0, 'decoder': int(cfg.scan_layers)},
+                 beam_shared=('cross_key', 'cross_value'))
 
 
 class GPT(nn.Module):
