@@ -19,13 +19,17 @@ tokens/s = batch * new tokens / seconds. Neither side may stop early: transforme
 min_new_tokens; ours has eos_id = vocab - 1 and the new tokens are checked (a row that ends pads
 the rest; `steps` records how many columns the loop ran). Also: the Transformer's per-token time
 against source length S (batch 1, cached), to see whether it is flat in S: all 128 tokens, and
-the decode steps alone ((t(128 new) - t(1 new)) / 127, which takes the encoder out).
+the decode steps alone ((t(128 new) - t(1 new)) / 127, which takes the encoder out). And beam
+search (the Transformer, 4 beams, batch 1 and 8, 64 new tokens): ours as shipped, where beams share
+the cached cross-attention keys/values (`Decoder.beam_shared`), ours reordering every cache leaf
+each step, and transformers `generate(num_beams=4)`.
 Writes benchmarks/results/decode-<device>.json and .png.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import pathlib
@@ -37,16 +41,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.attention import device_name, versions
-from flaxformer_lite import GPT, Transformer, TransformerConfig, generate
+from flaxformer_lite import GPT, Transformer, TransformerConfig, beam_search, generate
 
 RESULTS = pathlib.Path(__file__).parent / 'results'
 FULL = dict(gpt=dict(layers=6, heads=6, d_model=384, vocab=2048),
             transformer=dict(layers=6, heads=4, d_model=256, vocab=2048),
             prompt_len=128, new_tokens=128, uncached_new=16, batches=(1, 32),
-            source_lens=(64, 256, 1024))
+            source_lens=(64, 256, 1024), beam=dict(beams=4, batches=(1, 8), new_tokens=64))
 QUICK = dict(gpt=dict(layers=2, heads=2, d_model=32, vocab=128),
              transformer=dict(layers=2, heads=2, d_model=32, vocab=128),
-             prompt_len=16, new_tokens=8, uncached_new=4, batches=(1, 2), source_lens=(16, 64))
+             prompt_len=16, new_tokens=8, uncached_new=4, batches=(1, 2), source_lens=(16, 64),
+             beam=dict(beams=2, batches=(1,), new_tokens=4))
 
 
 def parse_args(argv=None):
@@ -119,6 +124,64 @@ def best_time(fn, repeats: int):
     out = fn()
     times.append(time.perf_counter() - start)
   return min(times), out
+
+
+class _CopyEveryLeaf(Transformer):
+  """Our Transformer with nothing shared by beams: beam search reorders all its cache."""
+
+  def decoder_for(self, *args):
+    return dataclasses.replace(super().decoder_for(*args), beam_shared=())
+
+
+def time_beam(cfg, batch, length, new_tokens, beams, repeats, shared=True) -> dict:
+  model, variables, inputs = build('transformer', cfg, batch, length)
+  model = model if shared else _CopyEveryLeaf(cfg)
+  fn = lambda: jax.block_until_ready(beam_search(model, variables, inputs, beam_size=beams,
+                                                 max_new_tokens=new_tokens))
+  seconds, _ = best_time(fn, repeats)
+  return dict(seconds=seconds, tokens_per_s=batch * new_tokens / seconds,
+              ms_per_token=seconds / new_tokens * 1e3)
+
+
+def time_hf_beam(cfg, batch, length, new_tokens, beams, repeats) -> dict:
+  import torch
+  model = hf_model('transformer', cfg)
+  ids = torch.as_tensor(np.array(build('transformer', cfg, batch, length)[2]), dtype=torch.long)
+
+  def fn():
+    with torch.no_grad():
+      return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                            num_beams=beams, max_new_tokens=new_tokens,
+                            min_new_tokens=new_tokens, pad_token_id=cfg.pad_id,
+                            eos_token_id=cfg.eos_id, decoder_start_token_id=cfg.bos_id)
+  seconds, _ = best_time(fn, repeats)
+  return dict(seconds=seconds, tokens_per_s=batch * new_tokens / seconds,
+              ms_per_token=seconds / new_tokens * 1e3)
+
+
+def measure_beam(cfg, setup: dict, repeats: int, with_hf: bool) -> list:
+  beam, rows = setup['beam'], []
+  for batch in beam['batches']:
+    args = (cfg, batch, setup['prompt_len'], beam['new_tokens'], beam['beams'], repeats)
+    row = dict(batch=batch, beams=beam['beams'], shared=time_beam(*args),
+               copied=time_beam(*args, shared=False))
+    if with_hf:
+      row['transformers'] = time_hf_beam(*args)
+    rows.append(row)
+  return rows
+
+
+def beam_table(rows: list) -> str:
+  lines = ['| Transformer beam search: batch | beams | ours, shared cross cache tok/s | '
+           'ours, every leaf reordered tok/s | transformers tok/s | ours / transformers |',
+           '|---|---|---|---|---|---|']
+  for r in rows:
+    hf = r.get('transformers')
+    peer = (f'{hf["tokens_per_s"]:,.1f} | '
+            f'{r["shared"]["tokens_per_s"] / hf["tokens_per_s"]:.2f}x' if hf else '- | -')
+    lines.append(f'| {r["batch"]} | {r["beams"]} | {r["shared"]["tokens_per_s"]:,.1f} | '
+                 f'{r["copied"]["tokens_per_s"]:,.1f} | {peer} |')
+  return '\n'.join(lines)
 
 
 def time_ours(family, cfg, batch, length, new_tokens, repeats, cached=True) -> dict:
@@ -213,7 +276,7 @@ def measure(setup: dict, repeats: int, with_hf: bool = True) -> dict:
     sweep.append(dict(source_len=s, **full, encode_plus_first_token_s=one['seconds'],
                       decode_ms_per_token=(full['seconds'] - one['seconds'])
                       / max(full['steps'] - 1, 1) * 1e3))
-  return dict(rows=rows, source_sweep=sweep)
+  return dict(rows=rows, source_sweep=sweep, beam=measure_beam(cfg, setup, repeats, with_hf))
 
 
 def table(rows: list, header: bool = True) -> str:
@@ -287,6 +350,7 @@ def main(argv=None):
     with_hf = False
   result = measure(setup, args.repeats, with_hf)
   print(sweep_table(result['source_sweep']))
+  print(beam_table(result['beam']))
   default_dir = pathlib.Path(tempfile.gettempdir()) if args.quick else RESULTS  # keep results/ real
   out = (args.out or default_dir) / f'decode-{device_name()}{"-quick" if args.quick else ""}.json'
   max_len = max(setup['prompt_len'] + setup['new_tokens'], max(setup['source_lens']))

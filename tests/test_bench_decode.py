@@ -41,10 +41,23 @@ def test_measure_quick_runs_every_peer_to_the_full_length():
   made never to stop early). Timings are not asserted: they are the benchmark's output."""
   pytest.importorskip('transformers')
   setup = dict(gpt=TINY, transformer=TINY, prompt_len=8, new_tokens=4, uncached_new=2,
-               batches=(2,), source_lens=(8, 16))
+               batches=(2,), source_lens=(8, 16), beam=dict(beams=2, batches=(1,), new_tokens=3))
   result = decode.measure(setup, repeats=1)
   assert [(r['model'], r['batch']) for r in result['rows']] == [('gpt', 2), ('transformer', 2)]
   for row in result['rows']:
     assert row['cached']['new_tokens'] == row['transformers']['new_tokens'] == 4
     assert row['uncached']['new_tokens'] == 2
   assert [r['source_len'] for r in result['source_sweep']] == [8, 16]
+  assert [(r['batch'], r['beams']) for r in result['beam']] == [(1, 2)]
+  assert set(result['beam'][0]) >= {'shared', 'copied', 'transformers'}
+
+
+def test_beam_with_every_leaf_reordered_finds_the_same_hypotheses():
+  """The benchmark's comparison point (`_CopyEveryLeaf`) searches the same beams as ours."""
+  from flaxformer_lite import beam_search
+  cfg = decode.model_config('transformer', TINY, max_len=32).replace(init_std=1.0)
+  model, variables, inputs = decode.build('transformer', cfg, batch=3, length=6)
+  ours = beam_search(model, variables, inputs, beam_size=3, max_new_tokens=8)
+  copied = beam_search(decode._CopyEveryLeaf(cfg), variables, inputs, beam_size=3,
+                       max_new_tokens=8)
+  np.testing.assert_array_equal(ours, copied)
