@@ -5,7 +5,8 @@ from flaxformer_lite.attention import (MultiHeadAttention, attention_weights, co
 from flaxformer_lite.blocks import DecoderLayer, EncoderLayer, LayerStack
 from flaxformer_lite.config import PRESETS, TransformerConfig
 from flaxformer_lite.decoding import beam_search, generate, sample_logits
-from flaxformer_lite.models import GPT, BertEncoder, Transformer
+from flaxformer_lite.bert import BertEncoder
+from flaxformer_lite.models import GPT, Transformer
 from flaxformer_lite.nnx_bridge import to_nnx
 
 __all__ = [

@@ -285,13 +285,14 @@ class MultiHeadAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x, context=None, *, mask=None, is_causal=False, positions=None,
-               decode=False, deterministic=True, capture_attention=False):
+               decode=False, deterministic=True, capture_attention=False, relative_table=None):
     """x `[B, T, D]`, context `[B, S, D]` (None: self-attention) -> `[B, T, D]`.
 
     `mask` is boolean `[B|1, 1|N, T|1, S]` (a key-padding mask `[B, 1, 1, S]` keeps memory
     linear in the length for the blockwise backend); `is_causal` adds the causal mask, except
-    while decoding, where the cache builds its own. `positions [B, T]` feed rotary embeddings and
-    the cache.
+    while decoding, where the cache builds its own. `positions [B, T]` feed rotary embeddings,
+    relative position biases and the cache. `relative_table [buckets, N]`: the stack's relative
+    position bias (self-attention; bidirectional unless causal).
     """
     cfg = self.config
     n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -318,12 +319,22 @@ class MultiHeadAttention(nn.Module):
         key = dense((k, h), ('embed', 'kv_heads', 'head_dim'), name='key')(context)
         value = dense((k, h), ('embed', 'kv_heads', 'head_dim'), name='value')(context)
 
+    if positions is None:
+      if decode and self_attention:
+        raise ValueError('decode=True needs per-example positions [batch, length]')
+      positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
     if cfg.positions == 'rotary' and self_attention:
-      if positions is None:
-        positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
       query = apply_rotary(query, positions, cfg.rope_base)
       key = apply_rotary(key, positions, cfg.rope_base)
 
+    if cfg.attention_scale is not None:  # the kernels divide by sqrt(H); fold the rest in here
+      query = query * jnp.asarray(cfg.attention_scale * math.sqrt(h), query.dtype)
+    bias = None
+    if relative_table is not None:
+      # While decoding the keys are the cache's slots, slot i holding position i.
+      key_positions = jnp.arange(self._cache_length(x))[None] if decode else positions
+      bias = layers.relative_bias(cfg, relative_table, positions, key_positions,
+                                  bidirectional=not is_causal)
     if decode and self_attention:
       key, value, mask = self._update_cache(key, value, positions)
       is_causal = False  # the cache's mask holds causality
@@ -336,13 +347,19 @@ class MultiHeadAttention(nn.Module):
     dropout_rate = 0.0 if deterministic else cfg.attention_dropout_rate
     if dropout_rate > 0.0:
       dropout_rng = self.make_rng('dropout')
-    out = dot_product_attention(query, key, value, mask=mask, is_causal=is_causal,
+    out = dot_product_attention(query, key, value, bias=bias, mask=mask, is_causal=is_causal,
                                 implementation=cfg.attention_impl, dropout_rate=dropout_rate,
                                 dropout_rng=dropout_rng)
     if capture_attention:
       self.sow('intermediates', 'attention_weights',
-               attention_weights(query, key, mask=mask, is_causal=is_causal))
+               attention_weights(query, key, bias=bias, mask=mask, is_causal=is_causal))
     return dense(cfg.d_model, ('heads', 'head_dim', 'embed'), axis=(-2, -1), name='out')(out)
+
+  def _cache_length(self, x):
+    """The key/value cache's length (at `init`, the input's length, which sets it)."""
+    if self.has_variable('cache', 'cached_key'):
+      return self.get_variable('cache', 'cached_key').shape[1]
+    return x.shape[1]
 
   def _update_cache(self, key, value, positions):
     """Writes `key/value [B, T, K, H]` at `positions [B, T]`; returns the whole cache and mask."""
@@ -352,8 +369,6 @@ class MultiHeadAttention(nn.Module):
     if is_init:
       # `init(..., decode=True)` only sizes the cache: length = the input's length.
       return key, value, make_causal_mask(key.shape[1])
-    if positions is None:
-      raise ValueError('decode=True needs per-example positions [batch, length]')
     batch = jnp.arange(key.shape[0])[:, None]
     length = cached_key.value.shape[1]
     # NumPy on a concrete array: under nn.scan even a concrete array's jnp.max is traced.

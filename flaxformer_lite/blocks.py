@@ -30,14 +30,16 @@ class EncoderLayer(nn.Module):
   capture_attention: bool = False
 
   @nn.compact
-  def __call__(self, x, mask, positions):
-    """x `[B, T, D]`, mask boolean `[B|1, 1, T|1, T]`, positions `[B, T]` -> `[B, T, D]`."""
+  def __call__(self, x, mask, positions, relative_table=None):
+    """x `[B, T, D]`, mask boolean `[B|1, 1, T|1, T]`, positions `[B, T]` -> `[B, T, D]`;
+    relative_table `[buckets, N]`: the stack's relative position bias, if it has one."""
     cfg, deterministic = self.config, self.deterministic
     drop = nn.Dropout(cfg.dropout_rate)
     attn = MultiHeadAttention(cfg, name='self_attention')
     x = residual(
         cfg, x, lambda h: attn(h, mask=mask, positions=positions, deterministic=deterministic,
-                          capture_attention=self.capture_attention),
+                          capture_attention=self.capture_attention,
+                          relative_table=relative_table),
         layers.norm(cfg, 'norm_attention'), drop, deterministic)
     ff = layers.FeedForward(cfg, name='mlp')
     x = residual(cfg, x, lambda h: ff(h, deterministic), layers.norm(cfg, 'norm_mlp'), drop,
@@ -58,16 +60,17 @@ class DecoderLayer(nn.Module):
   capture_attention: bool = False
 
   @nn.compact
-  def __call__(self, x, encoded, self_mask, cross_mask, positions):
+  def __call__(self, x, encoded, self_mask, cross_mask, positions, relative_table=None):
     """x `[B, T, D]`, encoded `[B, S, D]` or None, masks boolean `[B|1, 1, T|1, T|S]` (the self-
-    attention is causal besides), positions `[B, T]` -> `[B, T, D]`."""
+    attention is causal besides), positions `[B, T]` -> `[B, T, D]`; relative_table as in
+    `EncoderLayer` (self-attention only, causal buckets)."""
     cfg, deterministic, capture = self.config, self.deterministic, self.capture_attention
     drop = nn.Dropout(cfg.dropout_rate)
     self_attn = MultiHeadAttention(cfg, name='self_attention')
     x = residual(
         cfg, x, lambda h: self_attn(h, mask=self_mask, is_causal=True, positions=positions,
                                decode=self.decode, deterministic=deterministic,
-                               capture_attention=capture),
+                               capture_attention=capture, relative_table=relative_table),
         layers.norm(cfg, 'norm_self_attention'), drop, deterministic)
     if encoded is not None:
       cross_attn = MultiHeadAttention(cfg, name='cross_attention')
@@ -87,6 +90,7 @@ class LayerStack(nn.Module):
   `config.remat` wraps each layer in `nn.remat` (recompute activations in the backward pass);
   `config.scan_layers` runs them under `nn.scan`, parameters stacked on a leading 'layers' axis,
   so compile time does not grow with depth. All four combinations compute the same function.
+  With `positions='relative'` the stack owns the relative position bias table its layers share.
   """
   config: TransformerConfig
   layer: type
@@ -98,6 +102,8 @@ class LayerStack(nn.Module):
     `mask=`, `positions=`); the flags become the layers' attributes (`decode` for decoder
     stacks only)."""
     cfg = self.config
+    if cfg.positions == 'relative':  # one table for the stack, read by every layer (T5)
+      arrays['relative_table'] = layers.relative_table(self, cfg)
     flags = dict(deterministic=deterministic, capture_attention=capture_attention)
     if decode:
       flags['decode'] = True

@@ -7,10 +7,10 @@ from typing import Any
 
 import jax.numpy as jnp
 
-ACTIVATIONS = ('relu', 'gelu', 'gelu_tanh', 'swiglu')
+ACTIVATIONS = ('relu', 'gelu', 'gelu_tanh', 'silu', 'swiglu', 'geglu')
 NORMS = ('layernorm', 'rmsnorm')
 NORM_POSITIONS = ('post', 'pre')
-POSITIONS = ('sinusoidal', 'learned', 'rotary')
+POSITIONS = ('sinusoidal', 'learned', 'rotary', 'relative')
 ATTENTION_IMPLS = (None, 'xla', 'blockwise', 'cudnn', 'pallas')
 REMAT_POLICIES = ('none', 'full', 'dots_saveable')
 
@@ -31,12 +31,19 @@ class TransformerConfig:
   num_encoder_layers: int = 2
   num_decoder_layers: int = 2
   d_ff: int = 256
-  activation: str = 'relu'  # 'relu' | 'gelu' (erf) | 'gelu_tanh' (GPT-2) | 'swiglu'
+  # 'relu' | 'gelu' (erf) | 'gelu_tanh' (GPT-2) | 'silu' (Marian's swish) | 'swiglu' |
+  # 'geglu' (T5 v1.1's gated gelu: gelu_tanh(wi_gate(x)) * wi(x))
+  activation: str = 'relu'
   norm: str = 'layernorm'  # 'layernorm' | 'rmsnorm'
   norm_position: str = 'post'  # 'post' (the paper, BERT) | 'pre' (GPT-2, final norm added)
   norm_eps: float = 1e-5
-  positions: str = 'sinusoidal'  # 'sinusoidal' | 'learned' | 'rotary'
+  # 'sinusoidal' | 'learned' | 'rotary' | 'relative' (T5: a learned bias per head on the
+  # attention logits by bucketed distance, one table per stack, shared by its layers)
+  positions: str = 'sinusoidal'
   rope_base: float = 10000.0
+  relative_buckets: int = 32  # 'relative': buckets of distance (half per direction if bidirectional)
+  relative_max_distance: int = 128  # 'relative': distances past this share the last bucket
+  position_offset: int = 0  # 'learned': rows of the table before position 0 (BART keeps 2)
   max_len: int = 256
   type_vocab_size: int = 2  # BertEncoder's token types.
   dropout_rate: float = 0.1
@@ -45,10 +52,19 @@ class TransformerConfig:
   fused_qkv: bool = True  # one input projection for q|k|v in self-attention (k|v in cross)
   tie_embeddings: bool = True  # output projection = transposed token embedding
   scale_embeddings: bool = False  # multiply token embeddings by sqrt(d_model), as in the paper
+  embed_norm: bool = False  # a norm after embeddings + positions, one per stack (BART)
+  final_logits_bias: bool = False  # a bias [V] added to the logits (Marian, BART)
+  # Multiply the last hidden state by d_model ** -0.5 before the tied output projection (T5).
+  scale_tied_output: bool = False
+  attention_scale: float | None = None  # logits scale; None: 1 / sqrt(head_dim) (T5: 1.0)
   init_std: float | None = None  # None: Xavier uniform (the paper, PyTorch); else normal(init_std)
-  pad_id: int = 0
+  # Token ids. pad_id None: no padding token (GPT-2); the models then take padding only from
+  # explicit `valid` masks. decoder_start_id: the Transformer decoder's first input (None:
+  # bos_id; Marian and T5 start with their pad token, which `valid` then keeps unmasked).
+  pad_id: int | None = 0
   bos_id: int = 1
   eos_id: int = 2
+  decoder_start_id: int | None = None
   dtype: Any = jnp.float32  # compute dtype
   param_dtype: Any = jnp.float32
   attention_impl: str | None = None
@@ -110,10 +126,26 @@ class TransformerConfig:
         continue
       if not isinstance(value, (int, float)) or value <= 0:
         fail(f'{name}={value!r} must be a positive number')
-    for name in ('pad_id', 'bos_id', 'eos_id'):
+    for name in ('pad_id', 'bos_id', 'eos_id', 'decoder_start_id'):
       value = getattr(self, name)
-      if not 0 <= value < self.vocab_size:
+      if value is None and name in ('pad_id', 'decoder_start_id'):
+        continue
+      if not isinstance(value, int) or not 0 <= value < self.vocab_size:
         fail(f'{name}={value!r} is outside the vocabulary [0, {self.vocab_size})')
+    for name in ('relative_buckets', 'relative_max_distance'):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value < 2:
+        fail(f'{name}={value!r} must be an integer >= 2')
+    if not isinstance(self.position_offset, int) or self.position_offset < 0:
+      fail(f'position_offset={self.position_offset!r} must be a non-negative integer')
+    if self.position_offset and self.positions != 'learned':
+      fail(f'position_offset={self.position_offset} needs positions=\'learned\', got '
+           f'{self.positions!r}')
+    if self.attention_scale is not None and (
+        not isinstance(self.attention_scale, (int, float)) or not self.attention_scale > 0):
+      fail(f'attention_scale={self.attention_scale!r} must be a positive number or None')
+    if self.scale_tied_output and not self.tie_embeddings:
+      fail('scale_tied_output=True needs tie_embeddings=True (T5 scales only a tied output)')
     if self.eos_id == self.pad_id:
       fail(f'eos_id={self.eos_id} equals pad_id: generation marks finished rows with pad_id and '
            'never samples it, so it could never stop')

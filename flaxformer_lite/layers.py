@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -103,35 +104,51 @@ class AddPositions(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
     cfg = self.config
-    if cfg.positions == 'rotary':
-      return x
+    if cfg.positions in ('rotary', 'relative'):
+      return x  # applied inside attention
     if cfg.positions == 'sinusoidal':
       table = jnp.asarray(sinusoidal_table(cfg.max_len, cfg.d_model))
     else:
+      # BART keeps `position_offset` unused rows before position 0: kept so the table
+      # converts back bit for bit.
       table = self.param(
           'embedding',
           nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std or 0.02),
                                        (None, 'embed')),
-          (cfg.max_len, cfg.d_model), cfg.param_dtype)
+          self.table_shape(), cfg.param_dtype)[cfg.position_offset:]
     # Pad tokens may carry position -1 while decoding; they are never attended to.
     return x + jnp.take(table, jnp.maximum(positions, 0), axis=0).astype(x.dtype)
 
+  @nn.nowrap
+  def table_shape(self) -> tuple[int, int]:
+    cfg = self.config
+    return (cfg.max_len + cfg.position_offset, cfg.d_model)
+
+
+_ACTIVATIONS = {'relu': nn.relu, 'gelu': functools.partial(nn.gelu, approximate=False),
+                'gelu_tanh': functools.partial(nn.gelu, approximate=True), 'silu': nn.silu}
+_GATES = {'swiglu': 'silu', 'geglu': 'gelu_tanh'}  # gated units: their gate's activation
+
+
+def activation(name: str):
+  """The elementwise function named `name` (a gated unit's name gives its gate's function)."""
+  return _ACTIVATIONS[_GATES.get(name, name)]
+
 
 class FeedForward(nn.Module):
-  """`[B, T, D]` -> `[B, T, D]`: wi, activation, dropout, wo (swiglu: silu(wi_gate) * wi)."""
+  """`[B, T, D]` -> `[B, T, D]`: wi, activation, dropout, wo; the gated units (swiglu, geglu)
+  multiply `wi(x)` by `act(wi_gate(x))`."""
   config: TransformerConfig
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
     cfg = self.config
     h = dense_general(cfg, cfg.d_ff, ('embed', 'mlp'), name='wi')(x)
-    if cfg.activation == 'swiglu':
+    if cfg.activation in _GATES:
       gate = dense_general(cfg, cfg.d_ff, ('embed', 'mlp'), name='wi_gate')(x)
-      h = nn.silu(gate) * h
-    elif cfg.activation == 'relu':
-      h = nn.relu(h)
+      h = activation(cfg.activation)(gate) * h
     else:
-      h = nn.gelu(h, approximate=cfg.activation == 'gelu_tanh')
+      h = activation(cfg.activation)(h)
     h = nn.with_logical_constraint(h, ('batch', 'length', 'mlp'))
     h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
     return dense_general(cfg, cfg.d_model, ('mlp', 'embed'), name='wo')(h)
@@ -148,3 +165,46 @@ def norm(cfg: TransformerConfig, name: str | None = None) -> nn.Module:
                       bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(),
                                                              ('embed',)),
                       name=name)
+
+
+def relative_bucket(distance: jax.Array, *, bidirectional: bool, num_buckets: int,
+                    max_distance: int) -> jax.Array:
+  """T5's bucket `[...]` int32 of each `distance` = key position - query position.
+
+  Half the buckets (all, if not bidirectional: only keys at or before the query count) hold the
+  exact distances 0, 1, ...; the rest grow logarithmically up to `max_distance`, beyond which
+  all distances share the last bucket. Bidirectional: keys after the query use the upper half.
+  """
+  bucket = jnp.zeros_like(distance)
+  if bidirectional:
+    num_buckets //= 2
+    bucket = jnp.where(distance > 0, num_buckets, 0)
+    n = jnp.abs(distance)
+  else:
+    n = jnp.maximum(-distance, 0)
+  exact = num_buckets // 2
+  # float32, as T5's own computation, so the rounding of the log lands in the same bucket.
+  log_ratio = jnp.log(jnp.maximum(n, 1).astype(jnp.float32) / exact) / math.log(
+      max_distance / exact)
+  far = exact + (log_ratio * (num_buckets - exact)).astype(jnp.int32)
+  return bucket + jnp.where(n < exact, n, jnp.minimum(far, num_buckets - 1))
+
+
+def relative_bias(cfg: TransformerConfig, table: jax.Array, query_positions: jax.Array,
+                  key_positions: jax.Array, *, bidirectional: bool) -> jax.Array:
+  """Attention-logit bias `[B, N, T, S]` (float32) from a bucket table `[buckets, N]`, for
+  queries at `query_positions [B, T]` and keys at `key_positions [B|1, S]`."""
+  distance = key_positions[:, None, :] - query_positions[:, :, None]
+  buckets = relative_bucket(distance, bidirectional=bidirectional,
+                            num_buckets=cfg.relative_buckets,
+                            max_distance=cfg.relative_max_distance)
+  return jnp.take(table.astype(jnp.float32), buckets, axis=0).transpose(0, 3, 1, 2)
+
+
+def relative_table(module: nn.Module, cfg: TransformerConfig) -> jax.Array:
+  """The bucket table `[buckets, N]` of `module` (a layer stack: one table its layers share)."""
+  return module.param(
+      'relative_bias',
+      nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std or cfg.d_model ** -0.5),
+                                   (None, 'heads')),
+      (cfg.relative_buckets, cfg.num_heads), cfg.param_dtype)

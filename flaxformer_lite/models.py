@@ -12,6 +12,7 @@ import numpy as np
 from flaxformer_lite import layers
 from flaxformer_lite.blocks import DecoderLayer, EncoderLayer, LayerStack
 from flaxformer_lite.config import TransformerConfig
+from flaxformer_lite import decoding
 from flaxformer_lite.decoding import Decoder
 
 
@@ -31,6 +32,19 @@ def check_tokens(tokens, cfg: TransformerConfig, name: str = 'tokens') -> None:
     if low < 0 or high >= cfg.vocab_size:
       bad = low if low < 0 else high
       raise ValueError(f'{name} holds id {bad}, outside the vocabulary [0, {cfg.vocab_size})')
+
+
+def valid_tokens(tokens, valid, cfg: TransformerConfig, name: str = 'valid') -> jax.Array:
+  """`[B, T]` bool, True for real tokens: `valid` as given (transformers' attention_mask),
+  else the tokens that are not `pad_id` (all of them when the config has no pad token)."""
+  if valid is not None:
+    valid = jnp.asarray(valid)
+    if valid.shape != tokens.shape:
+      raise ValueError(f'{name} shape {valid.shape} != tokens shape {tokens.shape}')
+    return valid.astype(bool)
+  if cfg.pad_id is None:
+    return jnp.ones(tokens.shape, bool)
+  return tokens != cfg.pad_id
 
 
 def key_mask(valid: jax.Array) -> jax.Array:
@@ -74,9 +88,22 @@ def _lm_head(cfg, name=None):
   return layers.dense_general(cfg, cfg.vocab_size, ('embed', 'vocab'), use_bias=False, name=name)
 
 
-def _output_logits(cfg, embed, x, lm_head=None):
-  """`[B, T, D]` -> float32 logits, through the tied embedding or `lm_head`."""
+def _logits_bias(module: nn.Module, cfg) -> jax.Array | None:
+  """Marian's and BART's `final_logits_bias [V]` (None without one)."""
+  if not cfg.final_logits_bias:
+    return None
+  return module.param('final_logits_bias',
+                      nn.with_logical_partitioning(nn.initializers.zeros_init(), ('vocab',)),
+                      (cfg.vocab_size,), cfg.param_dtype)
+
+
+def _output_logits(cfg, embed, x, lm_head=None, bias=None):
+  """`[B, T, D]` -> float32 logits, through the tied embedding or `lm_head`, plus `bias`."""
+  if cfg.scale_tied_output:
+    x = x * jnp.asarray(cfg.d_model ** -0.5, x.dtype)
   logits = embed.attend(x) if cfg.tie_embeddings else lm_head(x)
+  if bias is not None:
+    logits = logits + jnp.asarray(bias, logits.dtype)
   # Losses and sampling want float32 logits whatever the compute dtype.
   return nn.with_logical_constraint(logits.astype(jnp.float32), ('batch', 'length', 'vocab'))
 
@@ -84,14 +111,17 @@ def _output_logits(cfg, embed, x, lm_head=None):
 # ------------------------------------------------------------------------------------------------
 # decoding: what GPT and Transformer hand `generate` and `beam_search` (see decoding.py)
 
-def _decoding_tokens(cfg, inputs) -> jax.Array:
-  """Host-side checks of a decoding request's tokens `[B, L]`; returns them as int32."""
+def _decoding_inputs(cfg, inputs, valid) -> tuple[jax.Array, jax.Array]:
+  """Host-side checks of a decoding request: tokens `[B, L]` and which are real (`valid`, or
+  not `pad_id`). Returns both, int32 and bool, as the loops' pytree of inputs."""
   inputs = jnp.asarray(inputs)
   check_tokens(inputs, cfg, 'inputs')
-  lengths = np.asarray((inputs != cfg.pad_id).sum(axis=1))
+  valid = valid_tokens(inputs, valid, cfg)
+  lengths = np.asarray(valid.sum(axis=1))
   if (lengths == 0).any():
-    raise ValueError(f'inputs row {int(np.argmin(lengths))} is all padding (pad_id={cfg.pad_id})')
-  return inputs.astype(jnp.int32)
+    raise ValueError(f'inputs row {int(np.argmin(lengths))} is all padding (pad_id={cfg.pad_id}'
+                     f'{"" if cfg.pad_id is not None else ", or valid False everywhere"})')
+  return inputs.astype(jnp.int32), valid
 
 
 def _zeros_cache(model, *args):
@@ -100,15 +130,19 @@ def _zeros_cache(model, *args):
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes['cache'])
 
 
-def _decoder(cfg, step, cache, logits) -> Decoder:
+def _decoder(cfg, step, cache, logits, prefix) -> Decoder:
   """The loops' view of a model whose cached apply is `step(cache, tokens [B, T]) ->
-  (logits [B, T, V], cache)`, given the cache and first-token logits `[B, V]` after the prompt."""
+  (logits [B, T, V], cache)`, given the cache and first-token logits `[B, V]` after the prompt,
+  and `prefix [B, P]`: the tokens before the first new one, as transformers counts them."""
   def tokens_to_logits(cache, tokens):
     logits, cache = step(cache, tokens[:, None])
     return logits[:, 0], cache
 
+  # Without a pad token, finished rows are filled with eos_id, and nothing is banned.
+  fill = cfg.eos_id if cfg.pad_id is None else cfg.pad_id
   return Decoder(cache=cache, logits=logits, tokens_to_logits=tokens_to_logits,
-                 pad_id=cfg.pad_id, eos_id=cfg.eos_id,
+                 pad_id=fill, eos_id=cfg.eos_id, prefix=prefix,
+                 banned_ids=() if cfg.pad_id is None else (cfg.pad_id,),
                  # Under scan_layers the layer stack's cache is stacked on a leading layer axis.
                  cache_batch_axes={'decode_position': 0, 'decoder': int(cfg.scan_layers)},
                  beam_shared=('cross_key', 'cross_value'))
@@ -118,19 +152,24 @@ class GPT(nn.Module):
   """Decoder-only causal language model (GPT-2 with the `gpt2-small` preset).
 
   Reads `config.num_decoder_layers`. Decoder layers without cross-attention, pre- or post-norm.
+  `generation`: the defaults of `generate`/`beam_search` for this model (a checkpoint's
+  generation config; None: the functions' own defaults).
   """
   config: TransformerConfig
+  generation: decoding.GenerationSettings | None = None
 
   @nn.compact
-  def __call__(self, tokens, *, deterministic=True, decode=False, capture_attention=False):
+  def __call__(self, tokens, *, valid=None, deterministic=True, decode=False,
+               capture_attention=False):
     """tokens `[B, T]` -> logits `[B, T, V]` (float32).
 
-    `decode=True` (with `mutable=['cache']`) appends the tokens to the key/value cache and
-    attends over it; tokens equal to `pad_id` are never attended to.
+    `valid [B, T]` bool marks the real tokens (default: those not equal to `pad_id`); the others
+    are never attended to and take no position. `decode=True` (with `mutable=['cache']`)
+    appends the tokens to the key/value cache and attends over it.
     """
     cfg = self.config
     check_tokens(tokens, cfg)
-    valid = tokens != cfg.pad_id
+    valid = valid_tokens(tokens, valid, cfg)
     if decode:
       positions = DecodePosition(name='decode_position')(valid)
       mask = None  # the cache builds its own mask from the positions
@@ -139,99 +178,122 @@ class GPT(nn.Module):
       mask = key_mask(valid)
     embed = layers.Embed(cfg, name='embed')
     x = layers.AddPositions(cfg, name='positions')(embed(tokens), positions)
+    if cfg.embed_norm:
+      x = layers.norm(cfg, 'embed_norm')(x)
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
     x = LayerStack(cfg, DecoderLayer, cfg.num_decoder_layers, name='decoder')(
         x, encoded=None, self_mask=mask, cross_mask=None, positions=positions,
         deterministic=deterministic, decode=decode, capture_attention=capture_attention)
-    return _output_logits(cfg, embed, x, None if cfg.tie_embeddings else _lm_head(cfg, 'lm_head'))
+    lm_head = None if cfg.tie_embeddings else _lm_head(cfg, 'lm_head')
+    return _output_logits(cfg, embed, x, lm_head, _logits_bias(self, cfg))
 
   @nn.nowrap
-  def check_decoding(self, prompts, max_new_tokens) -> jax.Array:
-    """Host-side checks of a `generate`/`beam_search` request; returns prompts `[B, T]` int32."""
+  def check_decoding(self, prompts, max_new_tokens, valid=None):
+    """Host-side checks of a `generate`/`beam_search` request -> (prompts `[B, T]` int32,
+    valid `[B, T]` bool)."""
     cfg = self.config
-    prompts = _decoding_tokens(cfg, prompts)
+    prompts, valid = _decoding_inputs(cfg, prompts, valid)
     # The last new token is only emitted, never fed back, so it needs no position of its own.
     if prompts.shape[1] + max_new_tokens - 1 > cfg.max_len:
       raise ValueError(f'{prompts.shape[1]} prompt tokens + max_new_tokens={max_new_tokens} '
                        f'exceed max_len={cfg.max_len}')
-    return prompts
+    return prompts, valid
 
   @nn.nowrap
-  def decoder_for(self, variables, prompts, max_new_tokens) -> Decoder:
-    """Runs `prompts [B, T]` (pad_id padding on either side) into a fresh cache."""
+  def decoder_for(self, variables, inputs, max_new_tokens) -> Decoder:
+    """Runs the prompts (`inputs`: `(tokens [B, T], valid [B, T])`, padding on either side)
+    into a fresh cache."""
     cfg = self.config
-    batch, length = prompts.shape
+    given, valid = inputs
+    batch, length = given.shape
     # Move padding to the right, so each prompt's last token is at its length - 1.
-    order = jnp.argsort(prompts == cfg.pad_id, axis=1, stable=True)
-    prompts = jnp.take_along_axis(prompts, order, axis=1)
+    order = jnp.argsort(~valid, axis=1, stable=True)
+    prompts = jnp.take_along_axis(given, order, axis=1)
+    valid = jnp.take_along_axis(valid, order, axis=1)
 
-    def step(cache, tokens):
-      logits, mutated = self.apply({**variables, 'cache': cache}, tokens, decode=True,
-                                   mutable=['cache'])
+    def step(cache, tokens, valid=None):
+      # Fed tokens are real: a finished row's filler is never read back.
+      valid = jnp.ones(tokens.shape, bool) if valid is None else valid
+      logits, mutated = self.apply({**variables, 'cache': cache}, tokens, valid=valid,
+                                   decode=True, mutable=['cache'])
       return logits, mutated['cache']
 
     cache = _zeros_cache(self, jnp.zeros((batch, length + max_new_tokens - 1), jnp.int32))
-    logits, cache = step(cache, prompts)
-    last = (prompts != cfg.pad_id).sum(axis=1) - 1
-    return _decoder(cfg, step, cache, logits[jnp.arange(batch), last])
+    logits, cache = step(cache, prompts, valid)
+    last = valid.sum(axis=1) - 1
+    return _decoder(cfg, step, cache, logits[jnp.arange(batch), last], prefix=given)
 
 
 class Transformer(nn.Module):
   """The encoder-decoder Transformer of "Attention Is All You Need".
 
   One embedding is shared by source, target and (with `tie_embeddings`) the output projection.
+  Padding: `src_valid`/`tgt_valid [B, S|T]` bool mark the real tokens (default: not `pad_id`).
+  `generation`: as in `GPT`.
   """
   config: TransformerConfig
+  generation: decoding.GenerationSettings | None = None
 
   def setup(self):
     cfg = self.config
     self.embed = layers.Embed(cfg)
     self.encoder_positions = layers.AddPositions(cfg)
     self.decoder_positions = layers.AddPositions(cfg)
+    if cfg.embed_norm:  # BART: one per stack
+      self.encoder_embed_norm = layers.norm(cfg)
+      self.decoder_embed_norm = layers.norm(cfg)
     self.dropout = nn.Dropout(cfg.dropout_rate)
     self.encoder = LayerStack(cfg, EncoderLayer, cfg.num_encoder_layers)
     self.decoder = LayerStack(cfg, DecoderLayer, cfg.num_decoder_layers)
     self.decode_position = DecodePosition()
     if not cfg.tie_embeddings:
       self.lm_head = _lm_head(cfg)
+    self.final_logits_bias = _logits_bias(self, cfg)
 
-  def encode(self, src_tokens, *, deterministic=True, capture_attention=False):
+  def _embed(self, tokens, positions, add_positions, norm_name, deterministic):
+    x = add_positions(self.embed(tokens), positions)
+    if self.config.embed_norm:
+      x = getattr(self, norm_name)(x)
+    return self.dropout(x, deterministic=deterministic)
+
+  def encode(self, src_tokens, *, src_valid=None, deterministic=True, capture_attention=False):
     """src_tokens `[B, S]` -> encoded `[B, S, D]`."""
     cfg = self.config
     check_tokens(src_tokens, cfg, 'src_tokens')
-    valid = src_tokens != cfg.pad_id
+    valid = valid_tokens(src_tokens, src_valid, cfg, 'src_valid')
     positions = token_positions(valid)
-    x = self.encoder_positions(self.embed(src_tokens), positions)
-    x = self.dropout(x, deterministic=deterministic)
+    x = self._embed(src_tokens, positions, self.encoder_positions, 'encoder_embed_norm',
+                    deterministic)
     return self.encoder(x, mask=key_mask(valid), positions=positions,
                         deterministic=deterministic, capture_attention=capture_attention)
 
-  def decode(self, encoded, src_tokens, tgt_tokens, *, deterministic=True, decode=False,
-             capture_attention=False):
+  def decode(self, encoded, src_tokens, tgt_tokens, *, src_valid=None, tgt_valid=None,
+             deterministic=True, decode=False, capture_attention=False):
     """encoded `[B, S, D]`, src_tokens `[B, S]`, tgt_tokens `[B, T]` -> logits `[B, T, V]`.
 
-    `tgt_tokens` is the decoder input: the target shifted right, starting with `bos_id`.
+    `tgt_tokens` is the decoder input: the target shifted right, starting with the decoder start
+    token (`decoder_start_id`, default `bos_id`).
     """
     cfg = self.config
     check_tokens(tgt_tokens, cfg, 'tgt_tokens')
-    src_valid = src_tokens != cfg.pad_id
-    tgt_valid = tgt_tokens != cfg.pad_id
+    src_valid = valid_tokens(src_tokens, src_valid, cfg, 'src_valid')
+    tgt_valid = valid_tokens(tgt_tokens, tgt_valid, cfg, 'tgt_valid')
     if decode:
       positions = self.decode_position(tgt_valid)
       self_mask = None
     else:
       positions = token_positions(tgt_valid)
       self_mask = key_mask(tgt_valid)
-    cross_mask = key_mask(src_valid)
-    x = self.decoder_positions(self.embed(tgt_tokens), positions)
-    x = self.dropout(x, deterministic=deterministic)
-    x = self.decoder(x, encoded=encoded, self_mask=self_mask, cross_mask=cross_mask,
+    x = self._embed(tgt_tokens, positions, self.decoder_positions, 'decoder_embed_norm',
+                    deterministic)
+    x = self.decoder(x, encoded=encoded, self_mask=self_mask, cross_mask=key_mask(src_valid),
                      positions=positions, deterministic=deterministic, decode=decode,
                      capture_attention=capture_attention)
-    return _output_logits(cfg, self.embed, x, None if cfg.tie_embeddings else self.lm_head)
+    return _output_logits(cfg, self.embed, x, None if cfg.tie_embeddings else self.lm_head,
+                          self.final_logits_bias)
 
-  def __call__(self, src_tokens, tgt_tokens, *, deterministic=True, decode=False,
-               capture_attention=False):
+  def __call__(self, src_tokens, tgt_tokens, *, src_valid=None, tgt_valid=None,
+               deterministic=True, decode=False, capture_attention=False):
     """src `[B, S]`, tgt (decoder input) `[B, T]` -> logits `[B, T, V]` (float32).
 
     `init(..., decode=True)` sizes the decoder's cache by `tgt_tokens`' length.
@@ -241,116 +303,42 @@ class Transformer(nn.Module):
     if src_tokens.shape[0] != tgt_tokens.shape[0]:
       raise ValueError(f'src_tokens batch {src_tokens.shape[0]} != tgt_tokens batch '
                        f'{tgt_tokens.shape[0]}')
-    encoded = self.encode(src_tokens, deterministic=deterministic,
+    encoded = self.encode(src_tokens, src_valid=src_valid, deterministic=deterministic,
                           capture_attention=capture_attention)
-    return self.decode(encoded, src_tokens, tgt_tokens, deterministic=deterministic,
-                       decode=decode, capture_attention=capture_attention)
+    return self.decode(encoded, src_tokens, tgt_tokens, src_valid=src_valid,
+                       tgt_valid=tgt_valid, deterministic=deterministic, decode=decode,
+                       capture_attention=capture_attention)
 
   @nn.nowrap
-  def check_decoding(self, src_tokens, max_new_tokens) -> jax.Array:
-    """Host-side checks of a `generate`/`beam_search` request; returns the source int32."""
+  def check_decoding(self, src_tokens, max_new_tokens, valid=None):
+    """Host-side checks of a `generate`/`beam_search` request -> (source `[B, S]` int32,
+    valid `[B, S]` bool)."""
     cfg = self.config
-    src_tokens = _decoding_tokens(cfg, src_tokens)
-    # The decoder is fed BOS and every new token but the last.
+    inputs = _decoding_inputs(cfg, src_tokens, valid)
+    # The decoder is fed its start token and every new token but the last.
     if max_new_tokens > cfg.max_len:
       raise ValueError(f'max_new_tokens={max_new_tokens} exceeds max_len={cfg.max_len}')
-    return src_tokens
+    return inputs
 
   @nn.nowrap
-  def decoder_for(self, variables, src_tokens, max_new_tokens) -> Decoder:
-    """Encodes `src_tokens [B, S]` once and feeds BOS into a fresh decoder cache."""
+  def decoder_for(self, variables, inputs, max_new_tokens) -> Decoder:
+    """Encodes the source (`inputs`: `(tokens [B, S], valid [B, S])`) once and feeds the
+    decoder start token into a fresh decoder cache."""
     cfg = self.config
+    src_tokens, src_valid = inputs
     batch = src_tokens.shape[0]
-    encoded = self.apply(variables, src_tokens, method='encode')
+    encoded = self.apply(variables, src_tokens, src_valid=src_valid, method='encode')
 
     def step(cache, tokens):
+      # Fed tokens are real (the start token may equal pad_id); a finished row's filler is
+      # never read back.
       logits, mutated = self.apply({**variables, 'cache': cache}, encoded, src_tokens, tokens,
+                                   src_valid=src_valid, tgt_valid=jnp.ones(tokens.shape, bool),
                                    decode=True, mutable=['cache'], method='decode')
       return logits, mutated['cache']
 
     cache = _zeros_cache(self, src_tokens, jnp.zeros((batch, max_new_tokens), jnp.int32))
-    logits, cache = step(cache, jnp.full((batch, 1), cfg.bos_id, jnp.int32))
-    return _decoder(cfg, step, cache, logits[:, 0])
-
-
-class MaskedLMHead(nn.Module):
-  """BERT's masked-LM head: dense, gelu, norm, then the token embedding transposed plus a bias."""
-  config: TransformerConfig
-
-  @nn.compact
-  def __call__(self, hidden, embed: layers.Embed):
-    """hidden `[B, T, D]` -> logits `[B, T, V]` (float32)."""
-    cfg = self.config
-    h = layers.dense_general(cfg, cfg.d_model, ('mlp', 'embed'), name='transform')(hidden)
-    h = layers.norm(cfg, 'norm')(nn.gelu(h, approximate=False))
-    bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros_init(),
-                                                           ('vocab',)),
-                      (cfg.vocab_size,), cfg.param_dtype)
-    return (embed.attend(h) + bias).astype(jnp.float32)
-
-
-class BertEncoder(nn.Module):
-  """Encoder-only BERT: word + position + token-type embeddings, LayerNorm, encoder stack.
-
-  `init(rng, tokens)` creates the backbone and the [CLS] pooler (BERT-base: 109,482,240
-  parameters). The heads are methods: `mlm_logits` and `classify`; initialize with
-  `method=BertEncoder.mlm_logits` (or `classify`) to create the head you will train.
-  """
-  config: TransformerConfig
-  num_labels: int = 2
-
-  def setup(self):
-    cfg = self.config
-    self.embed = layers.Embed(cfg)
-    self.positions = layers.AddPositions(cfg)
-    self.token_types = self.param(
-        'token_type_embedding',
-        nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std or 0.02),
-                                     (None, 'embed')),
-        (cfg.type_vocab_size, cfg.d_model), cfg.param_dtype)
-    self.embed_norm = layers.norm(cfg)
-    self.dropout = nn.Dropout(cfg.dropout_rate)
-    self.encoder = LayerStack(cfg, EncoderLayer, cfg.num_encoder_layers)
-    self.pooler = layers.dense_general(cfg, cfg.d_model, ('mlp', 'embed'))
-    self.mlm_head = MaskedLMHead(cfg)
-    self.classifier = layers.dense_general(cfg, self.num_labels, ('embed', None))
-
-  def __call__(self, tokens, token_types=None, *, deterministic=True, capture_attention=False):
-    """tokens `[B, T]`, token_types `[B, T]` (default zeros) -> hidden `[B, T, D]`."""
-    cfg = self.config
-    check_tokens(tokens, cfg)
-    if token_types is None:
-      token_types = jnp.zeros_like(tokens)
-    elif token_types.shape != tokens.shape:
-      raise ValueError(f'token_types shape {token_types.shape} != tokens shape {tokens.shape}')
-    elif not isinstance(token_types, jax.core.Tracer) and token_types.size:
-      bad = np.asarray(token_types)
-      bad = bad[(bad < 0) | (bad >= cfg.type_vocab_size)]
-      if bad.size:
-        raise ValueError(f'token_types holds {int(bad[0])}, outside [0, '
-                         f'type_vocab_size={cfg.type_vocab_size})')
-    valid = tokens != cfg.pad_id
-    position_ids = token_positions(valid)
-    x = self.positions(self.embed(tokens), position_ids)
-    x = x + jnp.take(jnp.asarray(self.token_types, cfg.dtype), token_types, axis=0)
-    x = self.dropout(self.embed_norm(x), deterministic=deterministic)
-    hidden = self.encoder(x, mask=key_mask(valid), positions=position_ids,
-                          deterministic=deterministic, capture_attention=capture_attention)
-    if self.is_initializing():
-      self.pool(hidden)  # the pooler belongs to the backbone's parameters, as in BERT
-    return hidden
-
-  def pool(self, hidden):
-    """hidden `[B, T, D]` -> `[B, D]`: tanh(dense(hidden of the first, [CLS], token))."""
-    return jnp.tanh(self.pooler(hidden[:, 0]))
-
-  def mlm_logits(self, tokens, token_types=None, *, deterministic=True):
-    """Masked-LM logits `[B, T, V]` (float32); the output matrix is the token embedding."""
-    hidden = self(tokens, token_types, deterministic=deterministic)
-    return self.mlm_head(hidden, self.embed)
-
-  def classify(self, tokens, token_types=None, *, deterministic=True):
-    """Sequence-classification logits `[B, num_labels]` (float32) from the pooled [CLS]."""
-    hidden = self(tokens, token_types, deterministic=deterministic)
-    pooled = self.dropout(self.pool(hidden), deterministic=deterministic)
-    return self.classifier(pooled).astype(jnp.float32)
+    start = cfg.bos_id if cfg.decoder_start_id is None else cfg.decoder_start_id
+    prefix = jnp.full((batch, 1), start, jnp.int32)
+    logits, cache = step(cache, prefix)
+    return _decoder(cfg, step, cache, logits[:, 0], prefix)
