@@ -166,3 +166,140 @@ def test_seq2seq_logits_match_with_padding(checkpoints, kind):
   ours = model.apply(variables, jnp.asarray(src), jnp.asarray(tgt),
                      src_valid=jnp.asarray(src_mask, bool), tgt_valid=jnp.asarray(tgt_mask, bool))
   _close(ours, ref, tgt_mask)
+
+
+def _flat(params):
+  import jax
+  return {jax.tree_util.keystr(p): np.asarray(x)
+          for p, x in jax.tree_util.tree_leaves_with_path(params)}
+
+
+@pytest.mark.parametrize('kind', ['gpt2', 'bert-qa', 'bert-mlm', 'marian', 'bart', 't5-v1_1'])
+def test_save_pretrained_round_trips_bit_for_bit(checkpoints, kind, tmp_path):
+  """ours -> save_pretrained -> transformers.from_pretrained -> its save_pretrained -> ours:
+  every weight keeps its bits, and transformers' logits on our export equal ours."""
+  hf_model, path = checkpoints[kind]
+  model, variables = convert.from_pretrained(path)
+  convert.save_pretrained(model, variables, tmp_path / 'ours')
+  auto = type(hf_model).from_pretrained(tmp_path / 'ours', attn_implementation='eager').eval()
+  auto.save_pretrained(tmp_path / 'again')
+  again_model, again = convert.from_pretrained(tmp_path / 'again')
+  before, after = _flat(variables['params']), _flat(again['params'])
+  assert before.keys() == after.keys()
+  for name in before:
+    np.testing.assert_array_equal(before[name], after[name], err_msg=name)
+  assert again_model.config == model.config
+  ids = _tokens(2, 6)
+  with torch.no_grad():
+    if kind in ('marian', 'bart', 't5-v1_1'):
+      tgt = ids.copy()
+      ref = auto(input_ids=torch.tensor(ids), decoder_input_ids=torch.tensor(tgt)).logits
+      ours = model.apply(variables, jnp.asarray(ids), jnp.asarray(tgt),
+                         tgt_valid=jnp.ones(tgt.shape, bool))
+    elif kind == 'bert-qa':
+      ref = auto(torch.tensor(ids)).start_logits
+      ours = model.apply(variables, jnp.asarray(ids), method='qa_logits')[0]
+    elif kind == 'bert-mlm':
+      ref = auto(torch.tensor(ids)).logits
+      ours = model.apply(variables, jnp.asarray(ids), method='mlm_logits')
+    else:
+      ref = auto(torch.tensor(ids)).logits
+      ours = model.apply(variables, jnp.asarray(ids))
+  _close(ours, ref)
+
+
+def _edit_config(path, **changes):
+  cfg = json.loads((path / 'config.json').read_text())
+  cfg.update(changes)
+  (path / 'config.json').write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize('kind, changes, message', [
+    ('gpt2', dict(model_type='llama'), "model_type='llama' is not supported"),
+    ('gpt2', dict(scale_attn_by_inverse_layer_idx=True), 'scale_attn_by_inverse_layer_idx=True'),
+    ('bert', dict(position_embedding_type='relative_key'),
+     "position_embedding_type='relative_key'"),
+    ('t5', dict(feed_forward_proj='gated-relu'), "feed_forward_proj='gated-relu'"),
+    ('marian', dict(share_encoder_decoder_embeddings=False),
+     'share_encoder_decoder_embeddings=False'),
+])
+def test_unsupported_configs_are_refused_by_name(checkpoints, tmp_path, kind, changes, message):
+  import shutil
+  path = shutil.copytree(checkpoints[kind][1], tmp_path / kind)
+  _edit_config(path, **changes)
+  with pytest.raises(ValueError, match=message):
+    convert.from_pretrained(path)
+
+
+def test_missing_tensor_and_files_are_named(checkpoints, tmp_path):
+  from safetensors.numpy import load_file, save_file
+  import shutil
+  path = shutil.copytree(checkpoints['bart'][1], tmp_path / 'bart')
+  tensors = load_file(path / 'model.safetensors')
+  del tensors['model.decoder.layers.1.fc2.weight']
+  save_file(tensors, path / 'model.safetensors', metadata={'format': 'pt'})
+  with pytest.raises(ValueError, match="'model.decoder.layers.1.fc2.weight' is missing"):
+    convert.from_pretrained(path)
+  (path / 'model.safetensors').unlink()
+  with pytest.raises(ValueError, match='no model.safetensors'):
+    convert.from_pretrained(path)
+  with pytest.raises(ValueError, match='config.json does not exist'):
+    convert.from_pretrained(tmp_path / 'nowhere')
+
+
+def test_real_checkpoint_quirks_load(checkpoints, tmp_path):
+  """What real checkpoints hold: shards with an index, legacy LayerNorm.gamma/beta names, a
+  bare base model's names (no `bert.` prefix), no pooler, tied weights stored twice or once."""
+  from safetensors.numpy import load_file, save_file
+  hf_model, path = checkpoints['bert-mlm']
+  model, variables = convert.from_pretrained(path)
+  tensors = load_file(path / 'model.safetensors')
+  renamed = {k.replace('LayerNorm.weight', 'LayerNorm.gamma').replace('LayerNorm.bias',
+                                                                       'LayerNorm.beta'): v
+             for k, v in tensors.items() if not k.startswith('bert.pooler')}
+  renamed['cls.predictions.decoder.weight'] = tensors['bert.embeddings.word_embeddings.weight']
+  names = sorted(renamed)
+  shards = {'a.safetensors': names[: len(names) // 2], 'b.safetensors': names[len(names) // 2:]}
+  out = tmp_path / 'sharded'
+  out.mkdir()
+  for file, keys in shards.items():
+    save_file({k: renamed[k] for k in keys}, out / file, metadata={'format': 'pt'})
+  (out / 'model.safetensors.index.json').write_text(json.dumps(
+      {'weight_map': {k: f for f, keys in shards.items() for k in keys}}))
+  (out / 'config.json').write_text((path / 'config.json').read_text())
+  loaded_model, loaded = convert.from_pretrained(out)
+  assert 'pooler' not in loaded['params']
+  ids = jnp.asarray(_tokens(2, 6))
+  np.testing.assert_array_equal(loaded_model.apply(loaded, ids, method='mlm_logits'),
+                                model.apply(variables, ids, method='mlm_logits'))
+  # A bare BertModel checkpoint: names without the `bert.` prefix.
+  base = {k.removeprefix('bert.'): v for k, v in tensors.items() if k.startswith('bert.')}
+  (tmp_path / 'base').mkdir()
+  save_file(base, tmp_path / 'base' / 'model.safetensors', metadata={'format': 'pt'})
+  (tmp_path / 'base' / 'config.json').write_text((path / 'config.json').read_text())
+  _edit_config(tmp_path / 'base', architectures=['BertModel'])
+  _, bare = convert.from_pretrained(tmp_path / 'base')
+  np.testing.assert_array_equal(bare['params']['embed']['embedding'],
+                                variables['params']['embed']['embedding'])
+
+
+def test_loader_imports_neither_torch_nor_transformers(checkpoints):
+  """In a fresh interpreter where importing torch or transformers fails, every architecture
+  loads."""
+  paths = [str(checkpoints[k][1]) for k in ('gpt2', 'bert-qa', 'marian', 'bart', 't5')]
+  code = f"""
+import sys
+class Block:
+  def find_spec(self, name, path=None, target=None):
+    if name.split('.')[0] in ('torch', 'transformers'):
+      raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, Block())
+from flaxformer_lite import convert
+for path in {paths!r}:
+  convert.from_pretrained(path)
+print('loaded', sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))
+"""
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                       env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip() == 'loaded []'

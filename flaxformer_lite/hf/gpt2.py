@@ -56,9 +56,11 @@ def tensors(model: GPT, head=None) -> list:
     # Conv1D weights are already [in, out]: only the heads are split out.
     rules += [
         *norm(f'{ours}/norm_self_attention', f'{hf}.ln_1'),
-        reshaped(f'{ours}/self_attention/qkv/kernel', f'{hf}.attn.c_attn.weight', d, 3, n, h),
+        reshaped(f'{ours}/self_attention/qkv/kernel', f'{hf}.attn.c_attn.weight', d, 3, n, h,
+                 hf_shape=(d, -1)),
         reshaped(f'{ours}/self_attention/qkv/bias', f'{hf}.attn.c_attn.bias', 3, n, h),
-        reshaped(f'{ours}/self_attention/out/kernel', f'{hf}.attn.c_proj.weight', n, h, d),
+        reshaped(f'{ours}/self_attention/out/kernel', f'{hf}.attn.c_proj.weight', n, h, d,
+                 hf_shape=(-1, d)),
         same(f'{ours}/self_attention/out/bias', f'{hf}.attn.c_proj.bias'),
         *norm(f'{ours}/norm_mlp', f'{hf}.ln_2'),
         same(f'{ours}/mlp/wi/kernel', f'{hf}.mlp.c_fc.weight'),

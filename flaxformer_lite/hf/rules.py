@@ -51,9 +51,10 @@ def linear_in(ours, hf, *in_shape):
                 lambda k: (np.ascontiguousarray(k.reshape(-1, k.shape[-1]).T),))
 
 
-def reshaped(ours, hf, *shape):
-  """A tensor whose values are ours in another shape (GPT-2's Conv1D, biases)."""
-  return Tensor(ours, (hf,), lambda x: x.reshape(shape), lambda x: (x.reshape(-1),))
+def reshaped(ours, hf, *shape, hf_shape=(-1,)):
+  """A tensor whose values are ours in another shape: ours `shape`, theirs `hf_shape` (GPT-2's
+  Conv1D weights, biases)."""
+  return Tensor(ours, (hf,), lambda x: x.reshape(shape), lambda x: (x.reshape(hf_shape),))
 
 
 def stacked(ours, hfs, *shape, weights=True):
