@@ -89,6 +89,11 @@ DECODE_CONFIGS = {
     'learned': dict(positions='learned'),
     'sinusoidal_mqa': dict(positions='sinusoidal', num_kv_heads=1),
     'rotary_gqa_scan': dict(positions='rotary', num_kv_heads=2, scan_layers=True),
+    # T5's buckets, the far ones log-spaced within these lengths; also under nn.scan.
+    'relative': dict(positions='relative', relative_buckets=8, relative_max_distance=6,
+                     attention_scale=1.0),
+    'relative_scan': dict(positions='relative', relative_buckets=8, relative_max_distance=6,
+                          scan_layers=True),
 }
 
 
