@@ -46,6 +46,8 @@ class TransformerConfig:
   position_offset: int = 0  # 'learned': rows of the table before position 0 (BART keeps 2)
   max_len: int = 256
   type_vocab_size: int = 2  # BertEncoder's token types.
+  num_mel_bins: int = 80  # SpeechTransformer's input features per frame
+  audio_strides: tuple = (2, 2)  # SpeechTransformer's two convolutions (Whisper: (1, 2))
   dropout_rate: float = 0.1
   attention_dropout_rate: float = 0.0
   use_bias: bool = True
@@ -132,6 +134,11 @@ class TransformerConfig:
         continue
       if not isinstance(value, int) or not 0 <= value < self.vocab_size:
         fail(f'{name}={value!r} is outside the vocabulary [0, {self.vocab_size})')
+    if (not isinstance(self.audio_strides, tuple) or len(self.audio_strides) != 2
+        or not all(isinstance(s, int) and s >= 1 for s in self.audio_strides)):
+      fail(f'audio_strides={self.audio_strides!r} must be two positive integers')
+    if not isinstance(self.num_mel_bins, int) or self.num_mel_bins <= 0:
+      fail(f'num_mel_bins={self.num_mel_bins!r} must be a positive integer')
     for name in ('relative_buckets', 'relative_max_distance'):
       value = getattr(self, name)
       if not isinstance(value, int) or value < 2:
@@ -174,6 +181,8 @@ class TransformerConfig:
     for name in ('dtype', 'param_dtype'):
       if isinstance(fields.get(name), str):
         fields[name] = jnp.dtype(fields[name])
+    if isinstance(fields.get('audio_strides'), list):  # JSON has no tuples
+      fields['audio_strides'] = tuple(fields['audio_strides'])
     return cls(**fields)
 
   @classmethod
