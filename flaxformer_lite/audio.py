@@ -90,7 +90,9 @@ class ConvFrontEnd(nn.Module):
   @nn.compact
   def __call__(self, features, valid):
     cfg = self.config
-    x = jnp.asarray(features, cfg.dtype)
+    # Padding frames read as zeros, as the convolutions' own padding past the end does, so a
+    # padded batch computes what each example alone would.
+    x = jnp.where(valid[..., None], jnp.asarray(features, cfg.dtype), 0)
     init = layers.kernel_init(cfg, 2, 1)
     for i, stride in enumerate(cfg.audio_strides):
       x = nn.Conv(cfg.d_model, (3,), strides=(stride,), padding=((1, 1),), dtype=cfg.dtype,
@@ -98,6 +100,5 @@ class ConvFrontEnd(nn.Module):
                   kernel_init=nn.with_logical_partitioning(init, (None, None, 'embed')))(x)
       x = nn.gelu(x, approximate=False)
       valid = _downsampled(valid, stride)
-      # Padding frames are zeroed so the next convolution reads silence-like zeros there.
       x = jnp.where(valid[..., None], x, 0)
     return x, valid

@@ -45,6 +45,7 @@ class TransformerConfig:
   relative_max_distance: int = 128  # 'relative': distances past this share the last bucket
   position_offset: int = 0  # 'learned': rows of the table before position 0 (BART keeps 2)
   max_len: int = 256
+  max_source_len: int | None = None  # the encoder's positions (None: max_len; Whisper: 1500)
   type_vocab_size: int = 2  # BertEncoder's token types.
   num_mel_bins: int = 80  # SpeechTransformer's input features per frame
   audio_strides: tuple = (2, 2)  # SpeechTransformer's two convolutions (Whisper: (1, 2))
@@ -137,6 +138,9 @@ class TransformerConfig:
     if (not isinstance(self.audio_strides, tuple) or len(self.audio_strides) != 2
         or not all(isinstance(s, int) and s >= 1 for s in self.audio_strides)):
       fail(f'audio_strides={self.audio_strides!r} must be two positive integers')
+    if self.max_source_len is not None and (not isinstance(self.max_source_len, int)
+                                            or self.max_source_len <= 0):
+      fail(f'max_source_len={self.max_source_len!r} must be a positive integer or None')
     if not isinstance(self.num_mel_bins, int) or self.num_mel_bins <= 0:
       fail(f'num_mel_bins={self.num_mel_bins!r} must be a positive integer')
     for name in ('relative_buckets', 'relative_max_distance'):

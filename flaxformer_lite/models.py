@@ -34,6 +34,11 @@ def check_tokens(tokens, cfg: TransformerConfig, name: str = 'tokens') -> None:
       raise ValueError(f'{name} holds id {bad}, outside the vocabulary [0, {cfg.vocab_size})')
 
 
+def source_config(cfg: TransformerConfig) -> TransformerConfig:
+  """The config the encoder's positions read: `max_len` = `max_source_len` when set."""
+  return cfg if cfg.max_source_len is None else cfg.replace(max_len=cfg.max_source_len)
+
+
 def valid_tokens(tokens, valid, cfg: TransformerConfig, name: str = 'valid') -> jax.Array:
   """`[B, T]` bool, True for real tokens: `valid` as given (transformers' attention_mask),
   else the tokens that are not `pad_id` (all of them when the config has no pad token)."""
@@ -237,7 +242,7 @@ class Transformer(nn.Module):
   def setup(self):
     cfg = self.config
     self.embed = layers.Embed(cfg)
-    self.encoder_positions = layers.AddPositions(cfg)
+    self.encoder_positions = layers.AddPositions(source_config(cfg))
     self.decoder_positions = layers.AddPositions(cfg)
     if cfg.embed_norm:  # BART: one per stack
       self.encoder_embed_norm = layers.norm(cfg)
@@ -259,7 +264,7 @@ class Transformer(nn.Module):
   def encode(self, src_tokens, *, src_valid=None, deterministic=True, capture_attention=False):
     """src_tokens `[B, S]` -> encoded `[B, S, D]`."""
     cfg = self.config
-    check_tokens(src_tokens, cfg, 'src_tokens')
+    check_tokens(src_tokens, source_config(cfg), 'src_tokens')
     valid = valid_tokens(src_tokens, src_valid, cfg, 'src_valid')
     positions = token_positions(valid)
     x = self._embed(src_tokens, positions, self.encoder_positions, 'encoder_embed_norm',
@@ -274,9 +279,15 @@ class Transformer(nn.Module):
     `tgt_tokens` is the decoder input: the target shifted right, starting with the decoder start
     token (`decoder_start_id`, default `bos_id`).
     """
+    src_valid = valid_tokens(src_tokens, src_valid, self.config, 'src_valid')
+    return self._decode(encoded, src_valid, tgt_tokens, tgt_valid, deterministic=deterministic,
+                        decode=decode, capture_attention=capture_attention)
+
+  def _decode(self, encoded, src_valid, tgt_tokens, tgt_valid, *, deterministic, decode,
+              capture_attention):
+    """The decoder over `encoded [B, S, D]` whose real positions are `src_valid [B, S]`."""
     cfg = self.config
     check_tokens(tgt_tokens, cfg, 'tgt_tokens')
-    src_valid = valid_tokens(src_tokens, src_valid, cfg, 'src_valid')
     tgt_valid = valid_tokens(tgt_tokens, tgt_valid, cfg, 'tgt_valid')
     if decode:
       positions = self.decode_position(tgt_valid)
@@ -298,7 +309,7 @@ class Transformer(nn.Module):
 
     `init(..., decode=True)` sizes the decoder's cache by `tgt_tokens`' length.
     """
-    check_tokens(src_tokens, self.config, 'src_tokens')
+    check_tokens(src_tokens, source_config(self.config), 'src_tokens')
     check_tokens(tgt_tokens, self.config, 'tgt_tokens')  # before the encoder runs
     if src_tokens.shape[0] != tgt_tokens.shape[0]:
       raise ValueError(f'src_tokens batch {src_tokens.shape[0]} != tgt_tokens batch '
@@ -314,7 +325,7 @@ class Transformer(nn.Module):
     """Host-side checks of a `generate`/`beam_search` request -> (source `[B, S]` int32,
     valid `[B, S]` bool)."""
     cfg = self.config
-    inputs = _decoding_inputs(cfg, src_tokens, valid)
+    inputs = _decoding_inputs(source_config(cfg), src_tokens, valid)
     # The decoder is fed its start token and every new token but the last.
     if max_new_tokens > cfg.max_len:
       raise ValueError(f'max_new_tokens={max_new_tokens} exceeds max_len={cfg.max_len}')
