@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxformer_lite.bert import BertEncoder
-from flaxformer_lite.decoding import GenerationSettings
+from flaxformer_lite.generation import GenerationSettings
 from flaxformer_lite.hf import LAYOUTS, bart, bert, gpt2, t5
 from flaxformer_lite.models import GPT, Transformer
 

@@ -210,7 +210,8 @@ def _brute_force_best(model, variables, prompt, n, alpha):
     grown = []
     for seq, logp in frontier:
       logits = _forward(model, variables, _padded(prompt + seq))[0, len(prompt) + len(seq) - 1]
-      logprobs = np.asarray(jax.nn.log_softmax(logits.at[cfg.pad_id].set(-jnp.inf)))
+      # As transformers: bans (the pad token) after the log-softmax.
+      logprobs = np.asarray(jax.nn.log_softmax(logits).at[cfg.pad_id].set(-jnp.inf))
       for t in tokens:
         score = logp + float(logprobs[t])
         if t == cfg.eos_id or length == n:
@@ -227,7 +228,10 @@ def test_wide_beam_finds_the_exact_best_sequence(alpha):
   model = GPT(SMALL)
   prompts = np.array([[3, 4, 5], [5, 3, 0]], np.int32)
   variables = model.init(jax.random.key(3), jnp.asarray(prompts))
-  # 5 non-pad tokens: 25 beams keep every prefix of length 2, so the search is exhaustive.
+  # 5 non-pad tokens: 25 beams keep every prefix of length 2 that did not end (at most 16), so
+  # the search is exhaustive. transformers' rule (only the top W of the 2W candidates finish)
+  # keeps it so: every real candidate is among the top 25 at steps 1 and 2, and at step 3 the
+  # best continuation ranks first by log-probability (every one there has length 3).
   out = np.asarray(beam_search(model, variables, prompts, beam_size=25, max_new_tokens=3,
                                length_penalty=alpha))
   for row, prompt in zip(out, prompts):
@@ -303,10 +307,9 @@ def test_seq2seq_beam_search_shares_the_cross_cache_without_changing_results(seq
   """The Transformer marks its cross-attention keys/values as shared by beams; beam search gives
   the same hypotheses as when every leaf is reordered each step."""
   import dataclasses
-  from flaxformer_lite import decoding
   model, variables = seq2seq
   src = jnp.asarray(PROMPTS)
-  decoder = model.decoder_for(variables, src, 4)
+  decoder = model.decoder_for(variables, model.check_decoding(src, 4), 4)
   assert decoder.beam_shared == ('cross_key', 'cross_value')
   shared = beam_search(model, variables, src, beam_size=3, max_new_tokens=6, length_penalty=0.6)
 

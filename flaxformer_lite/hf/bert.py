@@ -69,7 +69,7 @@ def config_to_hf(model: BertEncoder, params) -> dict:
 
 
 def _layer(cfg, i) -> list:
-  n, h, d = cfg.num_heads, cfg.head_dim, cfg.d_model
+  n, h = cfg.num_heads, cfg.head_dim
   ours, hf = f'encoder/layers_{i}', f'bert.encoder.layer.{i}'
   qkv = [f'{hf}.attention.self.{x}' for x in ('query', 'key', 'value')]
   return [
