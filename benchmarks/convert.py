@@ -86,6 +86,14 @@ def parity() -> dict:
           pairs = [(ref.start_logits, ours[0]), (ref.end_logits, ours[1])]
         else:
           pairs = [(ref.logits, ours)]
+      elif kind == 'whisper':  # log-mel-like features; Whisper's encoder sees no padding
+        feats = rng.normal(size=(3, 24, 8)).astype(np.float32)
+        tgt = ids[:, :6].copy()
+        tgt[:, 0] = model.config.decoder_start_id
+        ref = hf(input_features=torch.tensor(feats.transpose(0, 2, 1)),
+                 decoder_input_ids=torch.tensor(tgt)).logits
+        pairs = [(ref, model.apply(variables, jnp.asarray(feats), jnp.asarray(tgt),
+                                   tgt_valid=jnp.ones(tgt.shape, bool)))]
       else:
         tgt = ids[:, :6].copy()
         tgt[:, 0] = model.config.decoder_start_id

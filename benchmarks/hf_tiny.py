@@ -49,6 +49,14 @@ def build(kind: str):
                         bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
                         forced_eos_token_id=2)
     return tf.BartForConditionalGeneration(cfg)
+  if kind == 'whisper':  # pad == eos, as Whisper's; 12 encoder positions = 24 input frames
+    cfg = tf.WhisperConfig(vocab_size=V, num_mel_bins=8, d_model=32, encoder_layers=2,
+                           decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+                           encoder_ffn_dim=48, decoder_ffn_dim=48, max_source_positions=12,
+                           max_target_positions=16, pad_token_id=V - 1, eos_token_id=V - 1,
+                           bos_token_id=V - 1, decoder_start_token_id=V - 2,
+                           begin_suppress_tokens=None, init_std=0.3, dropout=0.0)
+    return tf.WhisperForConditionalGeneration(cfg)
   t5 = dict(vocab_size=V, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2,
             num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=20,
             dropout_rate=0.0, initializer_factor=1.0, decoder_start_token_id=0)
@@ -61,7 +69,8 @@ def build(kind: str):
   return model
 
 
-KINDS = ['gpt2', 'bert', 'bert-mlm', 'bert-cls', 'bert-qa', 'marian', 'bart', 't5', 't5-v1_1']
+KINDS = ['gpt2', 'bert', 'bert-mlm', 'bert-cls', 'bert-qa', 'marian', 'bart', 't5', 't5-v1_1',
+         'whisper']
 
 
 def saved(kind: str, path) -> tuple:

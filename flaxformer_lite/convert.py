@@ -8,7 +8,7 @@ Reads `config.json`, `model.safetensors` (or the shards of `model.safetensors.in
 safetensors' NumPy API, one tensor at a time, and `generation_config.json` when present. Neither
 torch nor transformers is imported. Architectures (`flaxformer_lite.hf`): GPT-2 -> `GPT`;
 BERT and its masked-LM / classification / question-answering heads -> `BertEncoder`; Marian,
-BART and T5 -> `Transformer`. A config option we cannot compute is refused by name.
+BART and T5 -> `Transformer`; Whisper -> `SpeechTransformer`. A config option we cannot compute is refused by name.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ import numpy as np
 
 from flaxformer_lite.bert import BertEncoder
 from flaxformer_lite.generation import GenerationSettings
-from flaxformer_lite.hf import LAYOUTS, bart, bert, gpt2, t5
+from flaxformer_lite.hf import LAYOUTS, bart, bert, gpt2, t5, whisper
 from flaxformer_lite.models import GPT, Transformer
+from flaxformer_lite.speech import SpeechTransformer
 
 # Tied copies: where a checkpoint may keep a tensor under another name (or only there).
 ALIASES = {
@@ -35,6 +36,7 @@ ALIASES = {
                             'model.decoder.embed_tokens.weight', 'lm_head.weight'),
     'shared.weight': ('encoder.embed_tokens.weight', 'decoder.embed_tokens.weight'),
     'cls.predictions.bias': ('cls.predictions.decoder.bias',),
+    'model.decoder.embed_tokens.weight': ('proj_out.weight',),
 }
 
 
@@ -109,18 +111,18 @@ def _get(tree: dict, path: str):
   return tree
 
 
-def _init_args(model):
+def _init_args(model) -> tuple:
   tokens = jnp.ones((1, 2), jnp.int32)
+  if isinstance(model, SpeechTransformer):
+    return (jnp.zeros((1, 4, model.config.num_mel_bins)), tokens)
   if isinstance(model, Transformer):
-    return (tokens, tokens), {}
-  if isinstance(model, BertEncoder):
-    return (tokens,), {}
-  return (tokens,), {}
+    return (tokens, tokens)
+  return (tokens,)
 
 
 def expected_params(model, head: str | None = None) -> dict:
   """Our parameter shapes for `model` (and a BERT `head`), from `jax.eval_shape` of init."""
-  args, _ = _init_args(model)
+  args = _init_args(model)
   method = {'mlm_head': 'mlm_logits', 'classifier': 'classify', 'span_head': 'qa_logits'}.get(head)
   init = lambda rng: model.init(rng, *args, **({'method': method} if method else {}))
   return nn.unbox(jax.eval_shape(init, jax.random.key(0)))['params']
@@ -192,6 +194,8 @@ def _layout_of(model):
     return gpt2.LAYOUT
   if isinstance(model, BertEncoder):
     return bert.LAYOUT
+  if isinstance(model, SpeechTransformer):
+    return whisper.LAYOUT
   if isinstance(model, Transformer):
     return t5.LAYOUT if model.config.positions == 'relative' else bart.LAYOUT
   raise ValueError(f'{type(model).__name__} has no Hugging Face layout (GPT, BertEncoder and '

@@ -115,7 +115,8 @@ def _flat(params):
           for p, x in jax.tree_util.tree_leaves_with_path(params)}
 
 
-@pytest.mark.parametrize('kind', ['gpt2', 'bert-qa', 'bert-mlm', 'marian', 'bart', 't5-v1_1'])
+@pytest.mark.parametrize('kind', ['gpt2', 'bert-qa', 'bert-mlm', 'marian', 'bart', 't5-v1_1',
+                                  'whisper'])
 def test_save_pretrained_round_trips_bit_for_bit(checkpoints, kind, tmp_path):
   """ours -> save_pretrained -> transformers.from_pretrained -> its save_pretrained -> ours:
   every weight keeps its bits, and transformers' logits on our export equal ours."""
@@ -132,7 +133,13 @@ def test_save_pretrained_round_trips_bit_for_bit(checkpoints, kind, tmp_path):
   assert again_model.config == model.config
   ids = _tokens(2, 6)
   with torch.no_grad():
-    if kind in ('marian', 'bart', 't5-v1_1'):
+    if kind == 'whisper':
+      feats = RNG.normal(size=(2, 24, 8)).astype(np.float32)
+      ref = auto(input_features=torch.tensor(feats.transpose(0, 2, 1)),
+                 decoder_input_ids=torch.tensor(ids)).logits
+      ours = model.apply(variables, jnp.asarray(feats), jnp.asarray(ids),
+                         tgt_valid=jnp.ones(ids.shape, bool))
+    elif kind in ('marian', 'bart', 't5-v1_1'):
       tgt = ids.copy()
       ref = auto(input_ids=torch.tensor(ids), decoder_input_ids=torch.tensor(tgt)).logits
       ours = model.apply(variables, jnp.asarray(ids), jnp.asarray(tgt),
@@ -244,3 +251,22 @@ print('loaded', sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 't
                        env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.strip() == 'loaded []'
+
+
+def test_whisper_logits_match(checkpoints):
+  """Features [B, 24 frames, 8 bins] (Whisper's encoder takes exactly 2 * max_source_positions
+  frames), a decoder input starting with its start token; pad == eos, so padding is by mask."""
+  hf, path = checkpoints['whisper']
+  model, variables = convert.from_pretrained(path)
+  assert model.config.pad_id is None and model.config.audio_strides == (1, 2)
+  features = RNG.normal(size=(3, 24, 8)).astype(np.float32)
+  tgt, tgt_mask = _tokens(3, 7), _mask(3, 7)
+  tgt[:, 0] = model.config.decoder_start_id
+  tgt[0, 3] = model.config.eos_id  # an eos inside a real sequence is a real token
+  with torch.no_grad():
+    ref = hf(input_features=torch.tensor(features.transpose(0, 2, 1)),
+             decoder_input_ids=torch.tensor(tgt),
+             decoder_attention_mask=torch.tensor(tgt_mask)).logits
+  ours = model.apply(variables, jnp.asarray(features), jnp.asarray(tgt),
+                     tgt_valid=jnp.asarray(tgt_mask, bool))
+  _close(ours, ref, tgt_mask)
