@@ -270,3 +270,23 @@ def test_whisper_logits_match(checkpoints):
   ours = model.apply(variables, jnp.asarray(features), jnp.asarray(tgt),
                      tgt_valid=jnp.asarray(tgt_mask, bool))
   _close(ours, ref, tgt_mask)
+
+
+def test_whisper_greedy_transcription_equals_generate(checkpoints):
+  """Plain transcription (no language/task/timestamp tokens: the tiny model has none): our
+  greedy decoding of 25 random feature sets equals transformers' generate(), token for token up
+  to each row's eos."""
+  from flaxformer_lite import generate
+  hf, path = checkpoints['whisper']
+  model, variables = convert.from_pretrained(path)
+  features = np.random.default_rng(3).normal(size=(25, 24, 8)).astype(np.float32)
+  with torch.no_grad():
+    ref = hf.generate(input_features=torch.tensor(features.transpose(0, 2, 1)),
+                      attention_mask=torch.ones(25, 24), max_new_tokens=10).numpy()
+  ours = np.asarray(generate(model, variables, jnp.asarray(features), max_new_tokens=10))
+  eos = model.config.eos_id
+  same = 0
+  for a, b in zip(ours, ref):
+    end = lambda row: int(np.argmax(row == eos)) + 1 if (row == eos).any() else len(row)
+    same += a[:end(a)].tolist() == b[:end(b)].tolist()
+  assert same == 25
