@@ -84,6 +84,10 @@ RUN_FIELDS = ('seed', 'batch_size', 'seq_len', 'data', 'learning_rate', 'schedul
               'vocab_size')
 
 
+def _start(init_from: str | None) -> str:
+  return f'--init-from {init_from}' if init_from else 'a new model (no --init-from)'
+
+
 def check(step: int, saved: dict, requested: dict) -> None:
   """Raises CheckpointMismatch unless the checkpoint at `step` (its metadata `saved`) continues
   the `requested` run: same task, model, data and the options that decide the updates."""
@@ -91,6 +95,10 @@ def check(step: int, saved: dict, requested: dict) -> None:
   if saved['task'] != task:
     raise CheckpointMismatch(f'the checkpoint at step {step} is for --task {saved["task"]}, not '
                              f'{task}; use another --workdir')
+  old, new = saved['run'].get('init_from'), requested['run'].get('init_from')
+  if old != new:  # said before the model differences it implies
+    raise CheckpointMismatch(f'the checkpoint at step {step} started from {_start(old)}, not '
+                             f'{_start(new)}; use another --workdir or the same --init-from')
   old, new = saved['model_config'], requested['model_config']
   diff = sorted(k for k in set(old) | set(new)
                 if k not in RUNTIME_FIELDS and old.get(k) != new.get(k))

@@ -60,7 +60,12 @@ def _per_task(name: str) -> str:
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
   task: str = option('dates', 'what to train', 'model', choices=TASK_NAMES)
-  preset: str = option('tiny', 'model preset', 'model', choices=tuple(sorted(PRESETS)))
+  preset: str | None = option(None, 'model preset (not with --init-from)', 'model',
+                              choices=tuple(sorted(PRESETS)), shown='tiny')
+  init_from: str | None = option(
+      None, 'a local Hugging Face checkpoint folder to start from: its model, weights and '
+      'tokenizer (translate, dates: marian, bart or t5; text: gpt2; mlm: BertForMaskedLM); the '
+      'optimizer starts fresh', 'model', shown='none: a new model of --preset')
   steps: int | None = option(None, 'total training steps (micro-batches)', 'optimization',
                              shown=_per_task('steps'))
   batch_size: int | None = option(None, 'global batch size (all devices)', 'optimization',
@@ -115,10 +120,27 @@ class RunConfig:
         raise UsageError(f'{option_name(field.name)} {value!r} is not one of '
                          f'{", ".join(choices)}')
     self._check_ranges()
+    self._check_init_from()
     defaults = TASK_DEFAULTS[self.task]
     for name in ('steps', 'batch_size', 'learning_rate', 'warmup'):
       if getattr(self, name) is None:
         object.__setattr__(self, name, defaults[name])
+
+  def _check_init_from(self):
+    """--init-from takes the model and tokenizer from the checkpoint: options that would choose
+    them too are refused, not ignored. (--dropout and --dtype still apply to its model.)"""
+    if self.init_from is None:
+      if self.preset is None:
+        object.__setattr__(self, 'preset', 'tiny')
+      return
+    if not self.init_from.strip():
+      raise UsageError('--init-from needs a folder')
+    if self.preset is not None:
+      raise UsageError(f'--preset {self.preset} and --init-from: the model comes from the '
+                       'checkpoint; drop --preset')
+    if self.tokenizer != 'byte':
+      raise UsageError(f'--tokenizer {self.tokenizer} and --init-from: the checkpoint\'s own '
+                       'tokenizer is used; drop --tokenizer')
 
   def _check_ranges(self):
     for name in ('steps', 'batch_size', 'seq_len', 'accumulate', 'eval_every', 'checkpoint_every',

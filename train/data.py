@@ -44,7 +44,28 @@ def decode(tokens) -> str:
   return out.decode('utf-8', errors='replace')
 
 
-class ByteTokenizer:
+class OwnSpecials:
+  """Sequences as our own tokenizers build them, around PAD/BOS/EOS/MASK: a source is its tokens,
+  a target (the labels) and a document end with EOS. A checkpoint's tokenizer
+  (train/hf_tokenizer.py) builds them as transformers does instead."""
+  special_ids = frozenset()  # never masked by mlm (EOS is: this keeps the byte runs as they were)
+  mask_id = MASK
+
+  def encode_source(self, text: str, length: int) -> np.ndarray:
+    return self.encode(text)[:length]
+
+  def encode_target(self, text: str, length: int) -> np.ndarray:
+    return np.append(self.encode(text)[:length - 1], EOS).astype(np.int32)
+
+  def encode_document(self, text: str) -> np.ndarray:
+    return np.append(self.encode(text), EOS).astype(np.int32)
+
+  def random_ids(self, rng, n: int) -> np.ndarray:
+    """Replacement tokens for mlm: a random byte."""
+    return rng.integers(_OFFSET, _OFFSET + 256, n)
+
+
+class ByteTokenizer(OwnSpecials):
   """UTF-8 bytes, shifted past the special tokens: needs no training and no download."""
   name = 'byte'
   vocab_size = VOCAB_SIZE
@@ -56,7 +77,7 @@ class ByteTokenizer:
     return decode(tokens)
 
 
-class SentencePieceTokenizer:
+class SentencePieceTokenizer(OwnSpecials):
   """A SentencePiece unigram model trained on the run's own training text, kept in the workdir
   so that a resumed run and `train.generate` read the same vocabulary."""
   name = 'sentencepiece'
@@ -120,8 +141,8 @@ class SentencePieceTokenizer:
     return self.processor.decode(ids)
 
 
-def pad_to(tokens: np.ndarray, length: int) -> np.ndarray:
-  out = np.full(length, PAD, np.int32)
+def pad_to(tokens: np.ndarray, length: int, fill: int = PAD) -> np.ndarray:
+  out = np.full(length, fill, np.int32)
   tokens = tokens[:length]
   out[:len(tokens)] = tokens
   return out
@@ -258,11 +279,8 @@ def fingerprint(path: str | None) -> str | None:
 
 
 def token_stream(docs: list[str], tokenizer=ByteTokenizer()) -> np.ndarray:
-  """All documents as one token array, each followed by EOS."""
-  parts = []
-  for d in docs:
-    parts += [tokenizer.encode(d), np.array([EOS], np.int32)]
-  return np.concatenate(parts)
+  """All documents as one token array, each as the tokenizer ends a document (ours: EOS)."""
+  return np.concatenate([tokenizer.encode_document(d) for d in docs]).astype(np.int32)
 
 
 def read_pairs(path: str, on_bad_bytes: str = 'error') -> list[tuple[str, str]]:

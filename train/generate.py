@@ -2,7 +2,8 @@
 checkpoint of a training run (GPT continues --prompt; the Transformer rewrites --input).
 
 Only the workdir is read: config.json (its 'task', 'run' and 'model_config'), the tokenizer
-model of a sentencepiece run and the params of the newest finished checkpoint. Nothing is
+model of a sentencepiece run (of an --init-from run: pretrained/, the checkpoint's tokenizer and
+generation defaults) and the params of the newest finished checkpoint. Nothing is
 written there and the training data is not needed, so this works while the run is still
 training (and saving) in the same workdir, and after its --data has been moved.
 """
@@ -24,9 +25,9 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from flaxformer_lite import GPT, Transformer, TransformerConfig, beam_search, generate
-from train import checkpoint, data
+from train import checkpoint, data, pretrained
 from train.config import UsageError
-from train.tasks import DatesTask, to_host
+from train.tasks import DatesTask, SpecialIds, to_host
 
 MODELS = {'dates': Transformer, 'translate': Transformer, 'text': GPT}
 TOKENIZERS = ('byte', 'sentencepiece')
@@ -128,11 +129,17 @@ def make_generator(workdir: str, config: dict) -> Generator:
     src_len = tgt_len = seq_len
   elif task == 'text':
     src_len, tgt_len = None, DEFAULT_NEW_TOKENS
-  tokenizer = make_tokenizer(workdir, run.get('tokenizer'))
+  if run.get('init_from'):  # the checkpoint's tokenizer and generation defaults
+    source = pretrained.from_workdir(workdir)
+    tokenizer, model = source.tokenizer, source.model.clone(config=cfg)
+  else:
+    tokenizer, model = make_tokenizer(workdir, run.get('tokenizer')), MODELS[task](cfg)
   if tokenizer.vocab_size > cfg.vocab_size:
     raise UsageError(f'{bad}: model_config vocab_size {cfg.vocab_size} is smaller than the '
                      f'{tokenizer.name} tokenizer\'s {tokenizer.vocab_size}')
-  return Generator(task, MODELS[task](cfg), tokenizer, src_len, tgt_len)
+  if not isinstance(model, MODELS[task]):
+    raise UsageError(f'{bad}: task {task} does not fit its {type(model).__name__} model')
+  return Generator(task, model, tokenizer, src_len, tgt_len)
 
 
 def make_tokenizer(workdir: str, name):
@@ -259,19 +266,24 @@ def texts_for(gen: Generator, args) -> list[str]:
 
 def decode(gen: Generator, texts: list[str], args) -> list[str]:
   """One output line per text: the continuation (GPT) or 'source -> output' (Transformer)."""
-  encoded = [gen.tokenizer.encode(t) for t in texts]
+  if gen.src_len is not None:  # a source as training built it (special tokens, prefix)
+    encoded = [gen.tokenizer.encode_source(t, gen.src_len) for t in texts]
+  else:
+    encoded = [gen.tokenizer.encode(t) for t in texts]
   length = gen.src_len or max(len(t) for t in encoded)
-  tokens = np.stack([data.pad_to(t, length) for t in encoded])
+  fill = SpecialIds.of(gen.model.config).pad
+  tokens = np.stack([data.pad_to(t, length, fill) for t in encoded])
+  valid = np.stack([np.arange(length) < len(t) for t in encoded])  # pad may be a real id
   max_new = args.max_new_tokens or gen.tgt_len
   variables = {'params': gen.params}
   try:
     if args.beam_size:
       out = beam_search(gen.model, variables, tokens, beam_size=args.beam_size,
-                        max_new_tokens=max_new)
+                        max_new_tokens=max_new, valid=valid)
     else:
       out = generate(gen.model, variables, tokens, max_new_tokens=max_new,
                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                     rng=jax.random.key(args.seed))
+                     rng=jax.random.key(args.seed), valid=valid)
   except ValueError as e:  # the library's checks of the request, e.g. a prompt too long
     raise UsageError(str(e)) from None
   rows = [gen.tokenizer.decode(row) for row in to_host(out)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import math
 import os
 import signal
@@ -17,12 +18,12 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from flaxformer_lite import viz
-from train import checkpoint, data, optim, parallel, workdir
+from train import checkpoint, data, optim, parallel, pretrained, workdir
 from train import state as state_lib
 from train.config import RunConfig, UsageError
 from train.metrics import MetricsLog, progress
 from train.step import make_eval_step, make_train_step
-from train.tasks import TASKS, Seq2SeqTask
+from train.tasks import TASKS, Seq2SeqTask, SpecialIds
 
 
 class StopRequested:
@@ -78,27 +79,46 @@ class Setup:
   layout: parallel.Layout
   abstract_state: object
   shardings: object
+  pretrained: pretrained.Pretrained | None = None  # --init-from's checkpoint
 
   def meta(self) -> dict:
     """What a checkpoint (and config.json) says of the run it belongs to."""
-    return {'task': self.run.task, 'run': dataclasses.asdict(self.run),
-            'model_config': self.model_config.to_dict(), 'data': self.task.data_fingerprint}
+    # As JSON reads it back (tuples become lists), so a saved checkpoint's metadata compares
+    # equal to a rerun's.
+    return json.loads(json.dumps({
+        'task': self.run.task, 'run': dataclasses.asdict(self.run),
+        'model_config': self.model_config.to_dict(), 'data': self.task.data_fingerprint}))
 
   @property
   def model_config(self):
     return self.model.config
 
 
-def build(run: RunConfig) -> Setup:
-  task = TASKS[run.task](run, data_fingerprint=data.fingerprint(run.data))
-  task.prepare()
+def make_model(run: RunConfig, task, source: pretrained.Pretrained | None):
+  """The preset's model for the task's tokenizer, or the checkpoint's; --dtype and --dropout
+  apply to either."""
   overrides = {'dtype': jnp.dtype(run.dtype)}
   if run.dropout is not None:
     overrides['dropout_rate'] = run.dropout
+  if source is not None:
+    model = source.model.clone(config=source.model.config.replace(**overrides))
+    pretrained.check_length(model.config, task.max_positions, run.init_from)
+    return model
   try:
-    model = task.model_cls(task.config(run.preset, **overrides))
+    return task.model_cls(task.config(run.preset, **overrides))
   except ValueError as e:  # e.g. --dropout outside [0, 1)
     raise UsageError(f'--preset {run.preset} with these options: {e}') from None
+
+
+def build(run: RunConfig) -> Setup:
+  task = TASKS[run.task](run, data_fingerprint=data.fingerprint(run.data))
+  # Checked before any data is read; its tokenizer is the one the data is read with.
+  source = pretrained.load(run) if run.init_from else None
+  if source is not None:
+    task.tokenizer = source.tokenizer
+  task.prepare()
+  model = make_model(run, task, source)
+  task.ids = SpecialIds.of(model.config)
   updates = -(-run.steps // run.accumulate)
   learning_rate = optim.schedule(run.schedule or task.default_schedule, run.learning_rate,
                                  run.warmup, updates)
@@ -110,7 +130,7 @@ def build(run: RunConfig) -> Setup:
       functools.partial(state_lib.create, model, task, tx, run.seed, dummy))
   boxed = state_lib.abstract_boxed_params(model, task, run.seed, dummy)
   shardings = layout.state_shardings(tx, abstract_state, boxed)
-  return Setup(run, task, model, tx, learning_rate, layout, abstract_state, shardings)
+  return Setup(run, task, model, tx, learning_rate, layout, abstract_state, shardings, source)
 
 
 def restore_or_create(setup: Setup, ckpts: checkpoint.Checkpoints):
@@ -120,14 +140,29 @@ def restore_or_create(setup: Setup, ckpts: checkpoint.Checkpoints):
   aside."""
   newest = ckpts.restore_newest(checkpoint.abstract(setup.abstract_state, setup.shardings),
                                 setup.meta())
-  if newest is None:
-    create = functools.partial(state_lib.create, setup.model, setup.task, setup.tx,
-                               setup.run.seed, setup.task.dummy_batch(setup.run.batch_size))
+  create = functools.partial(state_lib.create, setup.model, setup.task, setup.tx,
+                             setup.run.seed, setup.task.dummy_batch(setup.run.batch_size))
+  if newest is None and setup.pretrained is not None:
+    state, start = _from_pretrained(setup, create), 0
+  elif newest is None:
     with setup.layout.context():
       state, start = jax.jit(create, out_shardings=setup.shardings)(), 0
   else:
     start, state = newest
   return setup.layout.put_state(state, setup.shardings), start
+
+
+def _from_pretrained(setup: Setup, create):
+  """A new state around the checkpoint's params (the optimizer starts fresh); parts the task
+  never uses and the checkpoint lacks are a new model's (`create`)."""
+  params, missing = pretrained.matching_params(setup.pretrained, setup.abstract_state.params)
+  with setup.layout.context():
+    if missing:
+      new = jax.jit(lambda: create().params, out_shardings=setup.shardings.params)()
+      params.update({k: new[k] for k in missing})
+    params = jax.device_put(params, setup.shardings.params)  # each device gets its shards only
+    create_from = functools.partial(state_lib.create_from, tx=setup.tx, seed=setup.run.seed)
+    return jax.jit(create_from, out_shardings=setup.shardings)(params)
 
 
 def evaluate(setup: Setup, eval_step, params, batches) -> dict:
@@ -159,6 +194,8 @@ def run(run: RunConfig) -> dict | None:
     ckpts = checkpoint.Checkpoints(os.path.join(run.workdir, 'checkpoints'), run.keep_checkpoints)
     try:
       state, start = restore_or_create(setup, ckpts)
+      if setup.pretrained is not None:  # what resume and train.generate need, without DIR
+        pretrained.save(run.workdir, setup.pretrained)
       if jax.process_index() == 0:
         workdir.write_json(os.path.join(run.workdir, 'config.json'), setup.meta())
       log = MetricsLog(run.workdir, start, enabled=jax.process_index() == 0)
@@ -210,6 +247,8 @@ def _train(setup: Setup, state, start: int, ckpts, log: MetricsLog, stop) -> dic
     return None
   if start:
     print(f'resuming from step {start}')
+  elif run.init_from:  # where fine-tuning starts: the checkpoint's own held-out figures
+    log.write(0, 'eval', **_evaluate_all(setup, eval_step, state, eval_batches, 0)[0])
   bar = progress(start, run.steps, enabled=run.progress and is_main)
   window_start, window, final = time.perf_counter(), None, None
   last_saved, previous = (start or None), None

@@ -40,7 +40,9 @@ class MetricsLog:
       with open(self.path) as f:
         for line in f:
           step = _step_of(line)
-          if step is not None and step <= resume_step:
+          # A run starting at step 0 starts the file afresh (its step-0 evaluation, which
+          # --init-from runs log, is written again).
+          if step is not None and step <= resume_step and resume_step > 0:
             kept.append(line.rstrip('\n') + '\n')
     # The kept lines replace the file whole: a kill here leaves the old file or the new one.
     write_atomic(self.path, ''.join(kept))

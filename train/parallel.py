@@ -317,7 +317,8 @@ def _too_large(run, batch, need: int, available: int, platform: str) -> str:
   if run is None:
     what, lower = 'this train step', 'the batch or its length'
   else:
-    what, lower = f'--batch-size {run.batch_size} and --preset {run.preset}', '--batch-size'
+    model = f'--init-from {run.init_from}' if run.init_from else f'--preset {run.preset}'
+    what, lower = f'--batch-size {run.batch_size} and {model}', '--batch-size'
     # --seq-len shapes the batch only for the tasks that read it (not dates).
     if any(v.ndim > 1 and v.shape[1] == run.seq_len for v in batch.values()):
       what, lower = f'--seq-len {run.seq_len} with {what}', '--seq-len or --batch-size'

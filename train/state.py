@@ -32,3 +32,11 @@ def abstract_boxed_params(model, task, seed: int, batch):
   boxed = jax.eval_shape(lambda: model.init(jax.random.key(seed), *task.init_args(batch),
                                             method=task.init_method))
   return boxed['params']
+
+
+def create_from(params, tx, seed: int) -> TrainState:
+  """A state around given parameters (a checkpoint's): the optimizer starts fresh, the dropout
+  key is `create`'s for the same seed."""
+  _, dropout_rng = jax.random.split(jax.random.key(seed))
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    rng=jax.random.key_data(dropout_rng))

@@ -56,8 +56,9 @@ def make_train_step(model, task, tx, *, label_smoothing: float, learning_rate_fn
     params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
                                      (params, opt_state), (state.params, state.opt_state))
     # `loss` is the cross-entropy, comparable with eval's; label smoothing only shapes the
-    # gradient. `tokens` counts the non-pad tokens the model read, for tokens/s.
-    tokens = sum((batch[k] != 0).sum() for k in ('inputs', 'src', 'tgt_in') if k in batch)
+    # gradient. `tokens` counts the real (not padding) tokens the model read, for tokens/s.
+    tokens = sum((batch[k].sum(dtype=jnp.int32) for k in ('valid', 'src_valid', 'tgt_valid')
+                  if k in batch), jnp.zeros((), jnp.int32))
     if axis_name is not None:
       tokens = jax.lax.psum(tokens, axis_name)
     metrics = {'loss': sums['nll'] / total, 'accuracy': sums['correct'] / total,

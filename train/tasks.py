@@ -14,7 +14,7 @@ import numpy as np
 from flaxformer_lite import GPT, BertEncoder, Transformer, TransformerConfig, generate
 from train import data
 from train.config import RunConfig
-from train.data import BOS, EOS, MASK, PAD
+from train.data import BOS, EOS, PAD
 
 
 def to_host(x) -> np.ndarray:
@@ -28,13 +28,37 @@ def _stack(examples: list[dict]) -> dict:
   return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
 
+@dataclasses.dataclass(frozen=True)
+class SpecialIds:
+  """The model's token ids that examples are built with: `pad` fills, `start` begins the
+  decoder input, `eos` ends the labels. Ours by default; a checkpoint's from its config."""
+  pad: int = PAD
+  start: int = BOS
+  eos: int = EOS
+
+  @classmethod
+  def of(cls, cfg: TransformerConfig) -> SpecialIds:
+    # Without a pad token (GPT-2) any id fills: the masks say which tokens are real.
+    return cls(pad=cfg.eos_id if cfg.pad_id is None else cfg.pad_id,
+               start=cfg.bos_id if cfg.decoder_start_id is None else cfg.decoder_start_id,
+               eos=cfg.eos_id)
+
+
+def _valid(n: int, length: int) -> np.ndarray:
+  return np.arange(length) < n
+
+
 def seq2seq_example(src: str, tgt: str, src_len: int, tgt_len: int,
-                    tokenizer=data.ByteTokenizer()) -> dict:
-  """Decoder input is the target shifted right behind BOS; the output ends with EOS."""
-  tgt_tokens = tokenizer.encode(tgt)[:tgt_len - 1]
-  return {'src': data.pad_to(tokenizer.encode(src), src_len),
-          'tgt_in': data.pad_to(np.concatenate([[BOS], tgt_tokens]), tgt_len),
-          'tgt_out': data.pad_to(np.concatenate([tgt_tokens, [EOS]]), tgt_len)}
+                    tokenizer=data.ByteTokenizer(), ids: SpecialIds = SpecialIds()) -> dict:
+  """Labels `tgt_out` = target + [eos]; decoder input `tgt_in` = [start] + target. Which tokens
+  are real is said by `src_valid` / `tgt_valid`, not by pad ids: Marian's and T5's decoder
+  start token is their pad token."""
+  source = tokenizer.encode_source(src, src_len)
+  labels = tokenizer.encode_target(tgt, tgt_len)
+  return {'src': data.pad_to(source, src_len, ids.pad), 'src_valid': _valid(len(source), src_len),
+          'tgt_in': data.pad_to(np.concatenate([[ids.start], labels[:-1]]), tgt_len, ids.pad),
+          'tgt_out': data.pad_to(labels, tgt_len, ids.pad),
+          'tgt_valid': _valid(len(labels), tgt_len)}
 
 
 @dataclasses.dataclass
@@ -47,7 +71,8 @@ class Task:
   run: RunConfig = dataclasses.field(default_factory=RunConfig)
   data_fingerprint: str | None = None  # of --data, kept with the tokenizer trained on it
 
-  tokenizer = data.ByteTokenizer()
+  tokenizer = data.ByteTokenizer()  # --init-from: the checkpoint's (set before prepare)
+  ids = SpecialIds()  # set from the model's config once it is built
 
   model_cls = None
   init_method = None  # the model method whose parameters training needs
@@ -115,22 +140,27 @@ class Seq2SeqTask(Task):
 
   def forward(self, model, params, batch, *, deterministic=True, rngs=None):
     logits = model.apply({'params': params}, batch['src'], batch['tgt_in'],
+                         src_valid=batch['src_valid'], tgt_valid=batch['tgt_valid'],
                          deterministic=deterministic, rngs=rngs)
-    return logits, batch['tgt_out'], (batch['tgt_out'] != PAD).astype(jnp.float32)
+    return logits, batch['tgt_out'], batch['tgt_valid'].astype(jnp.float32)
 
   def eval_pairs(self) -> list[tuple[str, str]]:
     raise NotImplementedError
 
   def eval_batches(self, batch_size):
-    examples = [seq2seq_example(s, t, self.src_len, self.tgt_len, self.tokenizer)
+    examples = [seq2seq_example(s, t, self.src_len, self.tgt_len, self.tokenizer, self.ids)
                 for s, t in self.eval_pairs()]
     n = max(1, len(examples) // batch_size) * batch_size
     examples = (examples * batch_size)[:n] if len(examples) < batch_size else examples[:n]
     return [_stack(examples[i:i + batch_size]) for i in range(0, n, batch_size)]
 
   def translate(self, model, params, sources: list[str]) -> list[str]:
-    src = np.stack([data.pad_to(self.tokenizer.encode(s), self.src_len) for s in sources])
-    out = generate(model, {'params': params}, src, max_new_tokens=self.tgt_len)
+    """Greedy (num_beams=1 whatever a checkpoint's settings say: examples stay cheap)."""
+    rows = [self.tokenizer.encode_source(s, self.src_len) for s in sources]
+    src = np.stack([data.pad_to(r, self.src_len, self.ids.pad) for r in rows])
+    valid = np.stack([_valid(len(r), self.src_len) for r in rows])
+    out = generate(model, {'params': params}, src, valid=valid, max_new_tokens=self.tgt_len,
+                   num_beams=1)
     return [self.tokenizer.decode(row) for row in to_host(out)]
 
   def examples(self, model, params, n):
@@ -148,24 +178,27 @@ class Seq2SeqTask(Task):
     from flaxformer_lite import viz
     src_text = self.eval_pairs()[0][0]
     out_text = self.translate(model, params, [src_text])[0]
-    example = seq2seq_example(src_text, out_text, self.src_len, self.tgt_len, self.tokenizer)
+    example = seq2seq_example(src_text, out_text, self.src_len, self.tgt_len, self.tokenizer,
+                              self.ids)
     _, state = model.apply({'params': params}, example['src'][None], example['tgt_in'][None],
+                           src_valid=example['src_valid'][None],
+                           tgt_valid=example['tgt_valid'][None],
                            capture_attention=True, mutable=['intermediates'])
     maps = viz.collect_attention(state)
     cross = [k for k in maps if k.endswith('cross_attention')][-1]
     weights = to_host(maps[cross])[0].mean(axis=0)  # [T, S]
-    src_chars = self.pieces(example['src'])
-    out_chars = self.pieces(example['tgt_out'])
+    src_chars = self.pieces(example['src'], example['src_valid'])
+    out_chars = self.pieces(example['tgt_out'], example['tgt_valid'])
     return weights[:len(out_chars), :len(src_chars)], src_chars, out_chars
 
 
-  def pieces(self, tokens) -> list[str]:
-    """The non-pad tokens as printable labels (EOS as </s>)."""
+  def pieces(self, tokens, valid) -> list[str]:
+    """The real tokens as printable labels (eos as </s>)."""
     labels = []
-    for t in np.asarray(tokens).tolist():
-      if t == PAD:
+    for t, real in zip(np.asarray(tokens).tolist(), np.asarray(valid).tolist()):
+      if not real:
         break
-      labels.append('</s>' if t == EOS else self.tokenizer.decode([t]) or '?')
+      labels.append('</s>' if t == self.ids.eos else self.tokenizer.decode([t]) or '?')
     return labels
 
 
@@ -173,9 +206,11 @@ class DatesTask(Seq2SeqTask):
   """Human-written dates in many formats -> ISO 8601, held-out dates for evaluation."""
 
   def train_examples(self):
-    seed, src_len, tgt_len = self.run.seed, self.src_len, self.tgt_len
+    seed, src_len, tgt_len, tok, ids = (self.run.seed, self.src_len, self.tgt_len,
+                                        self.tokenizer, self.ids)
     return grain.MapDataset.range(2 ** 62).map(
-        lambda i: seq2seq_example(*data.date_example(seed, i, 'train'), src_len, tgt_len))
+        lambda i: seq2seq_example(*data.date_example(seed, i, 'train'), src_len, tgt_len, tok,
+                                  ids))
 
   def prepare(self):
     if self.run.tokenizer != 'byte':
@@ -199,9 +234,10 @@ class TranslateTask(Seq2SeqTask):
     self.make_tokenizer([text for pair in self._train for text in pair])
 
   def train_examples(self):
-    pairs, src_len, tgt_len, tok = self._train, self.src_len, self.tgt_len, self.tokenizer
+    pairs, src_len, tgt_len, tok, ids = (self._train, self.src_len, self.tgt_len,
+                                         self.tokenizer, self.ids)
     return (grain.MapDataset.range(len(pairs)).shuffle(seed=self.run.seed).repeat(None)
-            .map(lambda i: seq2seq_example(*pairs[i], src_len, tgt_len, tok)))
+            .map(lambda i: seq2seq_example(*pairs[i], src_len, tgt_len, tok, ids)))
 
   def eval_pairs(self):
     return self._eval
@@ -226,9 +262,14 @@ class TextTask(Task):
                            f'sequence of --seq-len {self.run.seq_len}')
 
   def window(self, stream, rng) -> dict:
+    """`seq_len + 1` tokens from a random start; `valid` / `weights` mark the real ones (GPT-2
+    has no pad token: its id 0 is a real one)."""
     start = rng.integers(0, max(1, len(stream) - self.run.seq_len - 1))
-    chunk = data.pad_to(stream[start:start + self.run.seq_len + 1], self.run.seq_len + 1)
-    return {'inputs': chunk[:-1], 'targets': chunk[1:]}
+    piece = stream[start:start + self.run.seq_len + 1]
+    chunk = data.pad_to(piece, self.run.seq_len + 1, self.ids.pad)
+    valid = _valid(len(piece), self.run.seq_len + 1)
+    return {'inputs': chunk[:-1], 'targets': chunk[1:], 'valid': valid[:-1],
+            'weights': valid[1:].astype(np.float32)}
 
   def train_examples(self):
     seed, stream = self.run.seed, self._train
@@ -244,13 +285,13 @@ class TextTask(Task):
     return (batch['inputs'],)
 
   def forward(self, model, params, batch, *, deterministic=True, rngs=None):
-    logits = model.apply({'params': params}, batch['inputs'], deterministic=deterministic,
-                         rngs=rngs)
-    return logits, batch['targets'], (batch['targets'] != PAD).astype(jnp.float32)
+    logits = model.apply({'params': params}, batch['inputs'], valid=batch['valid'],
+                         deterministic=deterministic, rngs=rngs)
+    return logits, batch['targets'], batch['weights']
 
   def examples(self, model, params, n):
     prompt = self.tokenizer.encode('def ')[None]
-    out = generate(model, {'params': params}, prompt,
+    out = generate(model, {'params': params}, prompt, valid=np.ones(prompt.shape, bool),
                    max_new_tokens=min(96, model.config.max_len - prompt.shape[1]),
                    temperature=0.8, top_k=40, rng=jax.random.key(self.run.seed))
     return {}, ['def ' + self.tokenizer.decode(to_host(out)[0])]
@@ -262,18 +303,21 @@ class MLMTask(TextTask):
   init_method = 'mlm_logits'
 
   def window(self, stream, rng):
-    tokens = super().window(stream, rng)['inputs']
-    chosen = (rng.random(self.run.seq_len) < 0.15) & (tokens != PAD)
-    action = rng.random(self.run.seq_len)
-    inputs = np.where(chosen & (action < 0.8), MASK, tokens)
-    random_tokens = rng.integers(4, 4 + 256, self.run.seq_len)  # a random byte
+    window = super().window(stream, rng)
+    tokens, valid, n = window['inputs'], window['valid'], self.run.seq_len
+    # Special tokens ([CLS], [SEP]) are never predicted, as in transformers' data collator.
+    special = np.isin(tokens, list(self.tokenizer.special_ids))
+    chosen = (rng.random(n) < 0.15) & valid & ~special
+    action = rng.random(n)
+    inputs = np.where(chosen & (action < 0.8), self.tokenizer.mask_id, tokens)
+    random_tokens = self.tokenizer.random_ids(rng, n)  # ours: a random byte
     inputs = np.where(chosen & (action >= 0.8) & (action < 0.9), random_tokens, inputs)
-    return {'inputs': inputs.astype(np.int32), 'targets': tokens,
+    return {'inputs': inputs.astype(np.int32), 'valid': valid, 'targets': tokens,
             'weights': chosen.astype(np.float32)}
 
   def forward(self, model, params, batch, *, deterministic=True, rngs=None):
-    logits = model.apply({'params': params}, batch['inputs'], deterministic=deterministic,
-                         rngs=rngs, method='mlm_logits')
+    logits = model.apply({'params': params}, batch['inputs'], valid=batch['valid'],
+                         deterministic=deterministic, rngs=rngs, method='mlm_logits')
     return logits, batch['targets'], batch['weights']
 
   def examples(self, model, params, n):

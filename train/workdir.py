@@ -18,7 +18,7 @@ MARKER = 'flaxformer_lite_run.json'
 LOCK = '.lock'
 # What a run writes; a folder holding only these (and no marker) is a run from before markers.
 OURS = {MARKER, LOCK, 'checkpoints', 'config.json', 'metrics.jsonl', 'tensorboard',
-        'attention.png', 'tokenizer.model', 'tokenizer.vocab', 'tokenizer.json'}
+        'attention.png', 'tokenizer.model', 'tokenizer.vocab', 'tokenizer.json', 'pretrained'}
 
 
 class WorkdirError(UsageError):
