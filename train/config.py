@@ -23,13 +23,16 @@ class UsageError(ValueError):
   Anything else is a bug and keeps its traceback.
   """
 
-TASK_NAMES = ('dates', 'text', 'mlm', 'translate')
+TASK_NAMES = ('dates', 'text', 'mlm', 'translate', 'summarize', 'qa', 'speech')
 # Per-task defaults chosen so `python -m train` with no arguments converges on 2 CPU cores.
 TASK_DEFAULTS = {
     'dates': dict(steps=3000, batch_size=64, learning_rate=2e-3, warmup=300),
     'translate': dict(steps=5000, batch_size=64, learning_rate=1e-3, warmup=500),
     'text': dict(steps=2000, batch_size=32, learning_rate=1e-3, warmup=200),
     'mlm': dict(steps=2000, batch_size=32, learning_rate=1e-3, warmup=200),
+    'summarize': dict(steps=1200, batch_size=32, learning_rate=2e-3, warmup=200),
+    'qa': dict(seq_len=384, steps=3000, batch_size=32, learning_rate=1e-3, warmup=300),
+    'speech': dict(steps=1000, batch_size=32, learning_rate=2e-3, warmup=300),
 }
 # The options' groups in --help, in order: field metadata 'group' -> title.
 GROUPS = {'model': 'model', 'data': 'data', 'optimization': 'optimization',
@@ -52,8 +55,8 @@ def option_name(field_name: str) -> str:
   return '--' + field_name.replace('_', '-')
 
 
-def _per_task(name: str) -> str:
-  return 'per task (' + ', '.join(f'{task} {TASK_DEFAULTS[task][name]}'
+def _per_task(name: str, default=128) -> str:
+  return 'per task (' + ', '.join(f'{task} {TASK_DEFAULTS[task].get(name, default)}'
                                   for task in TASK_NAMES) + ')'
 
 
@@ -64,16 +67,20 @@ class RunConfig:
                               choices=tuple(sorted(PRESETS)), shown='tiny')
   init_from: str | None = option(
       None, 'a local Hugging Face checkpoint folder to start from: its model, weights and '
-      'tokenizer (translate, dates: marian, bart or t5; text: gpt2; mlm: BertForMaskedLM); the '
+      'tokenizer (translate, dates, summarize: marian, bart or t5; text: gpt2; mlm: '
+      'BertForMaskedLM; qa: bert); the '
       'optimizer starts fresh', 'model', shown='none: a new model of --preset')
   steps: int | None = option(None, 'total training steps (micro-batches)', 'optimization',
                              shown=_per_task('steps'))
   batch_size: int | None = option(None, 'global batch size (all devices)', 'optimization',
                                   shown=_per_task('batch_size'))
   workdir: str = option('workdir', 'checkpoints, metrics and plots go here', 'checkpoints')
-  data: str | None = option(None, 'text file/folder (text, mlm) or TSV file (translate)', 'data',
-                            shown="text, mlm: the Python standard library's own source")
-  seq_len: int = option(128, 'sequence length (text, mlm, translate)', 'data')
+  data: str | None = option(
+      None, 'text file/folder (text, mlm), TSV file (translate), TSV or JSON Lines (summarize), '
+      'SQuAD JSON (qa), a folder of audio files with transcripts.tsv (speech)', 'data',
+      shown="generated or the Python standard library's own (see the README)")
+  seq_len: int | None = option(None, 'sequence length (text, mlm, translate; qa: the window)',
+                               'data', shown=_per_task('seq_len'))
   seed: int = option(0, 'initial parameters, dropout and the order of the data', 'data')
   learning_rate: float | None = option(None, 'peak learning rate', 'optimization',
                                        shown=_per_task('learning_rate'))
@@ -107,6 +114,11 @@ class RunConfig:
                           'training data (text, translate)', 'data',
                           choices=('byte', 'sentencepiece'))
   vocab_size: int = option(1024, 'SentencePiece vocabulary size', 'data')
+  doc_stride: int = option(128, 'qa: tokens between the starts of overlapping context windows',
+                           'data')
+  max_answer_len: int = option(160, 'qa: the longest answer span predicted, in tokens (bytes '
+                               'by default)', 'data')
+  beam_size: int = option(4, 'summarize, speech: beams of the evaluation decoding', 'checkpoints')
   parallel: str = option('mesh', "mesh (jit + shardings) or pmap (one host; under dropout its "
                          "masks differ from mesh's, which equal one device's)", 'parallel',
                          choices=('mesh', 'pmap'))
@@ -122,9 +134,9 @@ class RunConfig:
     self._check_ranges()
     self._check_init_from()
     defaults = TASK_DEFAULTS[self.task]
-    for name in ('steps', 'batch_size', 'learning_rate', 'warmup'):
+    for name in ('steps', 'batch_size', 'learning_rate', 'warmup', 'seq_len'):
       if getattr(self, name) is None:
-        object.__setattr__(self, name, defaults[name])
+        object.__setattr__(self, name, defaults.get(name, 128))
 
   def _check_init_from(self):
     """--init-from takes the model and tokenizer from the checkpoint: options that would choose

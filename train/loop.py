@@ -23,7 +23,7 @@ from train import state as state_lib
 from train.config import RunConfig, UsageError
 from train.metrics import MetricsLog, progress
 from train.step import make_eval_step, make_train_step
-from train.tasks import TASKS, Seq2SeqTask, SpecialIds
+from train.tasks import SpecialIds, task_class
 
 
 class StopRequested:
@@ -111,7 +111,7 @@ def make_model(run: RunConfig, task, source: pretrained.Pretrained | None):
 
 
 def build(run: RunConfig) -> Setup:
-  task = TASKS[run.task](run, data_fingerprint=data.fingerprint(run.data))
+  task = task_class(run.task)(run, data_fingerprint=data.fingerprint(run.data))
   # Checked before any data is read; its tokenizer is the one the data is read with.
   source = pretrained.load(run) if run.init_from else None
   if source is not None:
@@ -313,7 +313,7 @@ def _evaluate_all(setup: Setup, eval_step, state, eval_batches, n_examples: int)
     result = evaluate(setup, eval_step, state.params, eval_batches)
   # Decoding runs outside the mesh's rules: its batch sizes need not split over the devices.
   extra, lines = {}, []
-  if isinstance(setup.task, Seq2SeqTask) or n_examples:
+  if setup.task.decodes_in_eval or n_examples:
     params = setup.layout.unreplicate(state).params
     extra, lines = setup.task.examples(setup.model, params, n_examples)
   return {**result, **extra}, lines
@@ -322,9 +322,8 @@ def _evaluate_all(setup: Setup, eval_step, state, eval_batches, n_examples: int)
 def _report(setup: Setup, state, result: dict, lines: list[str], is_main: bool) -> None:
   """Prints the final figures and examples, draws attention.png (process 0 writes)."""
   run = setup.run
-  if isinstance(setup.task, Seq2SeqTask):
-    # Every process takes part in the computation; only the first one writes.
-    attention = setup.task.attention_example(setup.model, state.params)
+  # Every process takes part in the computation; only the first one writes.
+  attention = setup.task.attention_example(setup.model, state.params)
   if not is_main:
     return
   print(f'\nfinal evaluation after {int(state.step)} steps: ' +
@@ -333,9 +332,9 @@ def _report(setup: Setup, state, result: dict, lines: list[str], is_main: bool) 
     print('examples (held-out):')
     for line in lines:
       print('  ' + line)
-  if isinstance(setup.task, Seq2SeqTask):
+  if attention is not None:
     weights, x_labels, y_labels = attention
     path = viz.plot_attention(weights, x_labels, y_labels,
                               os.path.join(run.workdir, 'attention.png'),
-                              title='cross-attention, last decoder layer (mean over heads)')
+                              title=setup.task.attention_title)
     print(f'attention map: {path}')

@@ -37,14 +37,16 @@ FOLDER = 'pretrained'  # under the workdir
 RECORD = 'source.json'
 FAMILIES = {'marian': Transformer, 'bart': Transformer, 't5': Transformer, 'gpt2': GPT,
             'bert': BertEncoder}
-TASK_FAMILY = {'dates': Transformer, 'translate': Transformer, 'text': GPT, 'mlm': BertEncoder}
+TASK_FAMILY = {'dates': Transformer, 'translate': Transformer, 'summarize': Transformer,
+               'text': GPT, 'mlm': BertEncoder, 'qa': BertEncoder}
 NEEDS = {Transformer: 'an encoder-decoder checkpoint (model_type marian, bart or t5)',
          GPT: 'a decoder-only GPT-2 checkpoint (model_type gpt2)',
-         BertEncoder: 'a BERT checkpoint with its masked-LM head (BertForMaskedLM)'}
+         BertEncoder: 'a BERT checkpoint (mlm: with its masked-LM head, BertForMaskedLM)'}
 
 
 # Parameters a task creates but never uses: a checkpoint may lack them.
-UNUSED = {'BertEncoder': ('pooler',)}
+# qa's span head starts fresh when the checkpoint has none (a BertModel or BertForMaskedLM).
+UNUSED = {'BertEncoder': ('pooler', 'span_head')}
 
 
 class PretrainedError(UsageError):
@@ -127,7 +129,7 @@ def _from_dir(run) -> Pretrained:
   tokenizer = _tokenizer(directory, record, f'--init-from {name}')
   prefix = record['tokenizer']['source_prefix']
   if prefix and jax.process_index() == 0:
-    print(f'--init-from {name}: every source starts with its translation prefix {prefix!r} '
+    print(f'--init-from {name}: every source starts with its task prefix {prefix!r} '
           '(task_specific_params)')
   return Pretrained(model, tokenizer, record, directory,
                     params=jax.tree.map(np.asarray, variables['params']))
@@ -135,12 +137,16 @@ def _from_dir(run) -> Pretrained:
 
 def _tokenizer_options(run, hf: dict, cfg) -> dict:
   """How sequences are built: a GPT document ends with eos (GPT-2's <|endoftext|>); T5
-  sources of --task translate start with the checkpoint's translation prefix, if it has one."""
+  sources of --task translate (summarize) start with the checkpoint's translation
+  (summarization) prefix from task_specific_params, if it has one."""
   prefix = ''
-  if run.task == 'translate' and hf.get('model_type') == 't5':
+  wanted = {'translate': 'translation', 'summarize': 'summarization'}.get(run.task)
+  if wanted and hf.get('model_type') == 't5':
     params = hf.get('task_specific_params') or {}
+    # T5 was pretrained with 'summarize: ' in front of its summarization sources.
     prefix = next((v.get('prefix', '') for k, v in params.items()
-                   if k.startswith('translation') and isinstance(v, dict)), '')
+                   if k.startswith(wanted) and isinstance(v, dict)),
+                  'summarize: ' if run.task == 'summarize' else '')
   return {'eos_id': cfg.eos_id, 'doc_end': cfg.eos_id if run.task == 'text' else None,
           'source_prefix': prefix}
 

@@ -76,6 +76,8 @@ class Task:
 
   model_cls = None
   init_method = None  # the model method whose parameters training needs
+  decodes_in_eval = False  # examples() computes metrics at every evaluation (else at the end)
+  attention_title = None  # attention.png's title, for tasks with an attention_example
   default_schedule = 'cosine'
 
   def config(self, preset: str, **overrides) -> TransformerConfig:
@@ -124,10 +126,16 @@ class Task:
     """Task metrics computed by decoding (e.g. exact match) and printable example lines."""
     return {}, []
 
+  def attention_example(self, model, params):
+    """(weights [rows, columns], column labels, row labels) for attention.png, or None."""
+    return None
+
 
 class Seq2SeqTask(Task):
   model_cls = Transformer
   default_schedule = 'rsqrt'
+  decodes_in_eval = True
+  attention_title = 'cross-attention, last decoder layer (mean over heads)'
   src_len = 40
   tgt_len = 12
 
@@ -325,3 +333,13 @@ class MLMTask(TextTask):
 
 
 TASKS = {'dates': DatesTask, 'text': TextTask, 'mlm': MLMTask, 'translate': TranslateTask}
+
+
+def task_class(name: str) -> type:
+  """The Task class of `--task name`. The applications live in files of their own, which
+  import this one, so they join TASKS here, on first use, never while this module loads."""
+  if name not in TASKS:
+    from train import task_qa, task_speech, task_summarize
+    TASKS.update(summarize=task_summarize.SummarizeTask, qa=task_qa.QATask,
+                 speech=task_speech.SpeechTask)
+  return TASKS[name]
