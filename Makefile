@@ -7,11 +7,15 @@ PY := $(VENV)/bin/python
 
 BENCH ?= attention
 
-.PHONY: test train bench venv clean
+.PHONY: test test-slow train bench venv clean
 
 # Two workers for two cores; whole files per worker, so each compiles only its own models.
 test: $(VENV)/.installed-dev
-	$(PY) -m pytest -n 2 --dist loadfile $(ARGS)
+	$(PY) -m pytest -n 2 --dist loadfile -m "not slow" $(ARGS)
+
+# The few end-to-end runs marked slow (minutes each on 2 cores); CI runs them after `make test`.
+test-slow: $(VENV)/.installed-dev
+	$(PY) -m pytest -n 2 --dist loadfile -m slow $(ARGS)
 
 train: $(VENV)/.installed
 	$(PY) -m train $(ARGS)

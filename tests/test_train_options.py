@@ -14,7 +14,7 @@ import pytest
 
 from train import config, optim, parallel
 from train.config import DISTRIBUTED_ARGS, GROUPS, RunConfig, UsageError, from_args, parser
-from train.tasks import TASKS
+from train.tasks import TASKS, task_class
 
 FIELDS = dataclasses.fields(RunConfig)
 
@@ -64,16 +64,23 @@ def test_help_shows_every_default_in_its_group():
   titles = [line for line in text.splitlines() if line.endswith(':') and not line[0].isspace()]
   assert titles == ['options:', *(f'{t}:' for t in GROUPS.values()), 'multi-host:'], titles
   # A few spelled out, as a user reads them.
-  for shown in ['--seq-len SEQ_LEN sequence length (text, mlm, translate) (default: 128)',
+  for shown in ['--seq-len SEQ_LEN sequence length (text, mlm, translate; qa: the window) '
+                '(default: per task (dates 128, text 128, mlm 128, translate 128, summarize 128, '
+                'qa 384, speech 128))',
                 '--steps STEPS total training steps (micro-batches) (default: per task (dates '
-                '3000, text 2000, mlm 2000, translate 5000))',
-                '(default: per task (dates 0.002, text 0.001, mlm 0.001, translate 0.001))',
-                '(default: per task (dates 64, text 32, mlm 32, translate 64))',
-                '(default: per task (dates 300, text 200, mlm 200, translate 500))',
+                '3000, text 2000, mlm 2000, translate 5000, summarize 1200, qa 3000, speech '
+                '1000))',
+                '(default: per task (dates 0.002, text 0.001, mlm 0.001, translate 0.001, '
+                'summarize 0.002, qa 0.001, speech 0.002))',
+                '(default: per task (dates 64, text 32, mlm 32, translate 64, summarize 32, '
+                'qa 32, speech 32))',
+                '(default: per task (dates 300, text 200, mlm 200, translate 500, summarize 200, '
+                'qa 300, speech 300))',
                 '--schedule {rsqrt,cosine,constant}', '--no-progress hide the progress bar '
                 '(default: shown)', '--parallel {mesh,pmap}', '(default: every device on data)',
                 "override the preset's dropout rate (default: the preset's)",
-                '--on-nan {stop,skip}', '(default: stop)', '--task {dates,text,mlm,translate}']:
+                '--on-nan {stop,skip}', '(default: stop)',
+                '--task {dates,text,mlm,translate,summarize,qa,speech}']:
     assert _squeezed(shown) in squeezed, shown
 
 
@@ -85,17 +92,18 @@ def test_per_task_defaults_are_the_tasks():
   assert RunConfig(task='text', steps=7, warmup=0).steps == 7
   assert RunConfig(task='text', steps=7, warmup=0).warmup == 0
   # The per-task schedule --help describes.
-  assert {name: cls.default_schedule for name, cls in TASKS.items()} == {
-      'dates': 'rsqrt', 'translate': 'rsqrt', 'text': 'cosine', 'mlm': 'cosine'}
+  schedules = {name: task_class(name).default_schedule for name in config.TASK_NAMES}
+  assert schedules == {'dates': 'rsqrt', 'translate': 'rsqrt', 'summarize': 'rsqrt',
+                       'speech': 'rsqrt', 'text': 'cosine', 'mlm': 'cosine', 'qa': 'cosine'}
   assert RunConfig.__dataclass_fields__['schedule'].metadata['shown'] == (
-      'per task: rsqrt for dates and translate, cosine for text and mlm')
+      'per task: rsqrt for dates, translate, summarize and speech, cosine for text, mlm and qa')
 
 
 def test_choices_are_what_the_code_implements():
   choices = {f.name: f.metadata['choices'] for f in FIELDS if f.metadata['choices']}
   assert choices['schedule'] == tuple(optim.SCHEDULES)
   assert choices['parallel'] == tuple(parallel.LAYOUTS)
-  assert set(choices['task']) == set(TASKS)
+  assert set(choices['task']) == {name for name in choices['task'] if task_class(name)}
   assert set(choices) == {'task', 'preset', 'schedule', 'dtype', 'on_bad_bytes', 'on_nan',
                           'tokenizer', 'parallel'}
 
@@ -114,7 +122,8 @@ def test_a_bad_choice_is_one_line_from_run_config(field):
 
 def test_bad_choice_messages_spelled_out():
   for args, message in [
-      (['--task', 'poetry'], "--task 'poetry' is not one of dates, text, mlm, translate"),
+      (['--task', 'poetry'], "--task 'poetry' is not one of dates, text, mlm, translate, "
+                             "summarize, qa, speech"),
       (['--schedule', 'step'], "--schedule 'step' is not one of rsqrt, cosine, constant"),
       (['--parallel', 'dp'], "--parallel 'dp' is not one of mesh, pmap"),
       (['--dtype', 'float16'], "--dtype 'float16' is not one of float32, bfloat16"),

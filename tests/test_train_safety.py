@@ -382,3 +382,21 @@ def test_an_io_error_while_saving_is_one_error(checkpoints, monkeypatch):
                       lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, 'denied')))
   with pytest.raises(checkpoint.CheckpointError, match='cannot write a checkpoint in .*denied'):
     checkpoints.save(3, {'x': jnp.arange(4.0)}, META)
+
+
+def test_abandoned_read_echoes_are_dropped_from_asyncio_logs(caplog):
+  """After a failed restore, asyncio may log the abandoned TensorStore reads when their futures
+  are collected ('Future exception was never retrieved'): the failure is reported already, so
+  these records are dropped; other asyncio errors still show."""
+  import logging
+  from train import checkpoint
+  checkpoint.ignore_abandoned_reads()
+  log = logging.getLogger('asyncio')
+  with caplog.at_level(logging.ERROR, logger='asyncio'):
+    try:
+      raise ValueError('OUT_OF_RANGE: Error reading "params.x/0" in OCDBT database')
+    except ValueError as e:
+      log.error('Future exception was never retrieved\nfuture: <Future finished exception=%r>',
+                e, exc_info=(type(e), e, e.__traceback__))
+    log.error('Task was destroyed but it is pending!')
+  assert [r.getMessage() for r in caplog.records] == ['Task was destroyed but it is pending!']

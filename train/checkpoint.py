@@ -56,6 +56,19 @@ def ignore_abandoned_reads() -> None:
 
   hook.ignores_abandoned_reads = True
   sys.unraisablehook = hook
+  # The same echoes reach asyncio's logger instead when a future holding one is collected
+  # ('Future exception was never retrieved').
+  logging.getLogger('asyncio').addFilter(_AbandonedReadLog())
+
+
+class _AbandonedReadLog(logging.Filter):
+  """Drops asyncio's 'exception was never retrieved' records of abandoned checkpoint reads."""
+
+  def filter(self, record):
+    exc = record.exc_info[1] if record.exc_info else None
+    text = f'{record.getMessage()} {exc}'
+    return not ('never retrieved' in text and ('Encountered error while reading array index'
+                                               in text or 'OUT_OF_RANGE: Error reading' in text))
 
 
 def _all_agree(ok: bool) -> bool:

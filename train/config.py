@@ -86,8 +86,8 @@ class RunConfig:
                                        shown=_per_task('learning_rate'))
   schedule: str | None = option(
       None, 'learning-rate schedule: rsqrt (the paper), cosine or constant', 'optimization',
-      choices=tuple(optim.SCHEDULES), shown='per task: rsqrt for dates and translate, cosine '
-      'for text and mlm')
+      choices=tuple(optim.SCHEDULES), shown='per task: rsqrt for dates, translate, summarize '
+      'and speech, cosine for text, mlm and qa')
   warmup: int | None = option(None, 'warmup steps', 'optimization', shown=_per_task('warmup'))
   weight_decay: float = option(0.01, "AdamW's weight decay (matrices only)", 'optimization')
   clip_norm: float = option(1.0, 'gradients are clipped to this global norm', 'optimization')

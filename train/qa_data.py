@@ -21,7 +21,12 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
+import os
+import pathlib
 import re
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -202,7 +207,24 @@ def module_examples(module_names, seed: int) -> list[Example]:
 
 
 def default_examples(seed: int = 0) -> tuple[list[Example], list[Example]]:
-  """(train, eval): questions on TRAIN_MODULES and on the held-out EVAL_MODULES."""
+  """(train, eval): questions on TRAIN_MODULES and on the held-out EVAL_MODULES.
+
+  Built in a fresh interpreter: what a module exposes can change once other libraries are
+  imported (and patch or extend it), so in-process the data would depend on what ran before.
+  """
+  code = ('import dataclasses, json, sys; from train import qa_data; '
+          f'print(json.dumps([[dataclasses.asdict(e) for e in part] '
+          f'for part in qa_data.generate_examples({int(seed)})]))')
+  root = pathlib.Path(__file__).resolve().parent.parent
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True,
+                       cwd=root, env={**os.environ, 'PYTHONHASHSEED': '0'})
+  parts = json.loads(out.stdout)
+  return tuple([Example(**{**e, 'answers': tuple(Answer(**a) for a in e['answers'])})
+                for e in part] for part in parts)
+
+
+def generate_examples(seed: int) -> tuple[list[Example], list[Example]]:
+  """`default_examples` in this process (see there why it runs in a fresh one)."""
   return module_examples(TRAIN_MODULES, seed), module_examples(EVAL_MODULES, seed)
 
 
