@@ -89,13 +89,15 @@ def _attention(ours, hf, cfg, cross: bool) -> list:
                   same(f'{ours}/out/bias', f'{o}.bias')]
 
 
-def _layer(cfg, stack: str, i: int) -> list:
+def layer(cfg, stack: str, i: int, attention=_attention) -> list:
+  """Layer i of `stack` in the BART layout (Marian's and Whisper's too; Whisper brings its own
+  `attention` rules)."""
   ours, hf = f'{stack}/layers_{i}', f'model.{stack}.layers.{i}'
   name = 'norm_attention' if stack == 'encoder' else 'norm_self_attention'
-  rules = [*_attention(f'{ours}/self_attention', f'{hf}.self_attn', cfg, cross=False),
+  rules = [*attention(f'{ours}/self_attention', f'{hf}.self_attn', cfg, cross=False),
            *norm(f'{ours}/{name}', f'{hf}.self_attn_layer_norm')]
   if stack == 'decoder':
-    rules += [*_attention(f'{ours}/cross_attention', f'{hf}.encoder_attn', cfg, cross=True),
+    rules += [*attention(f'{ours}/cross_attention', f'{hf}.encoder_attn', cfg, cross=True),
               *norm(f'{ours}/norm_cross_attention', f'{hf}.encoder_attn_layer_norm')]
   return rules + [*dense(f'{ours}/mlp/wi', f'{hf}.fc1'), *dense(f'{ours}/mlp/wo', f'{hf}.fc2'),
                   *norm(f'{ours}/norm_mlp', f'{hf}.final_layer_norm')]
@@ -114,7 +116,7 @@ def tensors(model: Transformer, head=None) -> list:
       rules += norm(f'{stack}_embed_norm', f'model.{stack}.layernorm_embedding')
     layers = cfg.num_encoder_layers if stack == 'encoder' else cfg.num_decoder_layers
     for i in range(layers):
-      rules += _layer(cfg, stack, i)
+      rules += layer(cfg, stack, i)
   if not cfg.tie_embeddings:
     rules.append(linear('lm_head/kernel', 'lm_head.weight'))
   return rules

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from flaxformer_lite.config import TransformerConfig
+from flaxformer_lite.hf import bart
 from flaxformer_lite.hf.rules import (ACTIVATION_TO_HF, Layout, Tensor, activation_from_hf,
                                       check_representable, dense, linear_in, norm, same,
                                       stacked, token_ids)
@@ -87,18 +88,6 @@ def _attention(ours, hf, cfg, cross: bool) -> list:
                   same(f'{ours}/out/bias', f'{o}.bias')]
 
 
-def _layer(cfg, stack: str, i: int) -> list:
-  ours, hf = f'{stack}/layers_{i}', f'model.{stack}.layers.{i}'
-  name = 'norm_attention' if stack == 'encoder' else 'norm_self_attention'
-  rules = [*_attention(f'{ours}/self_attention', f'{hf}.self_attn', cfg, cross=False),
-           *norm(f'{ours}/{name}', f'{hf}.self_attn_layer_norm')]
-  if stack == 'decoder':
-    rules += [*_attention(f'{ours}/cross_attention', f'{hf}.encoder_attn', cfg, cross=True),
-              *norm(f'{ours}/norm_cross_attention', f'{hf}.encoder_attn_layer_norm')]
-  return rules + [*dense(f'{ours}/mlp/wi', f'{hf}.fc1'), *dense(f'{ours}/mlp/wo', f'{hf}.fc2'),
-                  *norm(f'{ours}/norm_mlp', f'{hf}.final_layer_norm')]
-
-
 def _conv(ours, hf) -> list:
   """torch Conv1d weight `[out, in, k]` -> flax Conv kernel `[k, in, out]`."""
   return [Tensor(f'{ours}/kernel', (f'{hf}.weight',), lambda w: np.ascontiguousarray(w.T),
@@ -116,9 +105,9 @@ def tensors(model: SpeechTransformer, head=None) -> list:
            *norm('encoder/final_norm', 'model.encoder.layer_norm'),
            *norm('decoder/final_norm', 'model.decoder.layer_norm')]
   for i in range(cfg.num_encoder_layers):
-    rules += _layer(cfg, 'encoder', i)
+    rules += bart.layer(cfg, 'encoder', i, attention=_attention)
   for i in range(cfg.num_decoder_layers):
-    rules += _layer(cfg, 'decoder', i)
+    rules += bart.layer(cfg, 'decoder', i, attention=_attention)
   return rules  # proj_out is the tied embedding
 
 
