@@ -15,6 +15,10 @@ ATTENTION_IMPLS = (None, 'xla', 'blockwise', 'cudnn', 'pallas')
 REMAT_POLICIES = ('none', 'full', 'dots_saveable')
 
 
+def _fail(message: str):
+  raise ValueError(message)
+
+
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
   """Hyperparameters shared by `Transformer`, `BertEncoder` and `GPT`.
@@ -78,38 +82,18 @@ class TransformerConfig:
   _derived: tuple = dataclasses.field(default=(), init=False, repr=False, compare=False)
 
   def __post_init__(self):
-    def fail(msg):
-      raise ValueError(msg)
-
     # One spelling per dtype, so equal configs hash equally (jnp.float32 vs dtype('float32')).
     for name in ('dtype', 'param_dtype'):
       try:
         object.__setattr__(self, name, jnp.dtype(getattr(self, name)))
       except TypeError:
-        fail(f'{name}={getattr(self, name)!r} is not a dtype')
-
-    for name in ('vocab_size', 'd_model', 'num_heads', 'd_ff', 'max_len', 'type_vocab_size'):
-      value = getattr(self, name)
-      if not isinstance(value, int) or value <= 0:
-        fail(f'{name}={value!r} must be a positive integer')
-    for name in ('num_encoder_layers', 'num_decoder_layers'):
-      value = getattr(self, name)
-      if not isinstance(value, int) or value < 0:
-        fail(f'{name}={value!r} must be a non-negative integer')
-    if self.head_dim is None and self.d_model % self.num_heads:
-      fail(f'd_model={self.d_model} is not divisible by num_heads={self.num_heads} '
-           '(set head_dim explicitly to decouple them)')
-    if self.head_dim is not None and (not isinstance(self.head_dim, int) or self.head_dim <= 0):
-      fail(f'head_dim={self.head_dim!r} must be a positive integer or None')
-    kv = self.num_kv_heads
-    if kv is not None and (not isinstance(kv, int) or kv <= 0 or self.num_heads % kv):
-      fail(f'num_heads={self.num_heads} is not divisible by num_kv_heads={kv!r} '
-           '(grouped-query attention needs whole groups)')
+        _fail(f'{name}={getattr(self, name)!r} is not a dtype')
+    self._check_shapes()
     choices = {'activation': ACTIVATIONS, 'norm': NORMS, 'norm_position': NORM_POSITIONS,
                'positions': POSITIONS, 'attention_impl': ATTENTION_IMPLS, 'remat': REMAT_POLICIES}
     for name, allowed in choices.items():
       if getattr(self, name) not in allowed:
-        fail(f'{name}={getattr(self, name)!r} is not one of {allowed}')
+        _fail(f'{name}={getattr(self, name)!r} is not one of {allowed}')
     # One name each from here on: None resolves to the multi-head count and d_model // heads.
     object.__setattr__(self, '_derived', tuple(
         name for name in ('num_kv_heads', 'head_dim') if getattr(self, name) is None))
@@ -118,48 +102,73 @@ class TransformerConfig:
     if self.head_dim is None:
       object.__setattr__(self, 'head_dim', self.d_model // self.num_heads)
     if self.positions == 'rotary' and self.head_dim % 2:
-      fail(f'rotary positions need an even head_dim, got head_dim={self.head_dim}')
+      _fail(f'rotary positions need an even head_dim, got head_dim={self.head_dim}')
+    self._check_numbers()
+    self._check_ids()
+    self._check_checkpoint_fields()
+
+  def _check_shapes(self):
+    for name in ('vocab_size', 'd_model', 'num_heads', 'd_ff', 'max_len', 'type_vocab_size',
+                 'num_mel_bins'):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value <= 0:
+        _fail(f'{name}={value!r} must be a positive integer')
+    for name in ('num_encoder_layers', 'num_decoder_layers'):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value < 0:
+        _fail(f'{name}={value!r} must be a non-negative integer')
+    if self.head_dim is None and self.d_model % self.num_heads:
+      _fail(f'd_model={self.d_model} is not divisible by num_heads={self.num_heads} '
+            '(set head_dim explicitly to decouple them)')
+    if self.head_dim is not None and (not isinstance(self.head_dim, int) or self.head_dim <= 0):
+      _fail(f'head_dim={self.head_dim!r} must be a positive integer or None')
+    kv = self.num_kv_heads
+    if kv is not None and (not isinstance(kv, int) or kv <= 0 or self.num_heads % kv):
+      _fail(f'num_heads={self.num_heads} is not divisible by num_kv_heads={kv!r} '
+            '(grouped-query attention needs whole groups)')
+    if self.max_source_len is not None and (not isinstance(self.max_source_len, int)
+                                            or self.max_source_len <= 0):
+      _fail(f'max_source_len={self.max_source_len!r} must be a positive integer or None')
+    if (not isinstance(self.audio_strides, tuple) or len(self.audio_strides) != 2
+        or not all(isinstance(s, int) and s >= 1 for s in self.audio_strides)):
+      _fail(f'audio_strides={self.audio_strides!r} must be two positive integers')
+
+  def _check_numbers(self):
     for name in ('dropout_rate', 'attention_dropout_rate'):
       value = getattr(self, name)
       if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        fail(f'{name}={value!r} must be a number in [0, 1)')
-    for name in ('norm_eps', 'rope_base', 'init_std'):
+        _fail(f'{name}={value!r} must be a number in [0, 1)')
+    for name in ('norm_eps', 'rope_base', 'init_std', 'attention_scale'):
       value = getattr(self, name)
-      if value is None and name == 'init_std':
+      if value is None and name in ('init_std', 'attention_scale'):
         continue
-      if not isinstance(value, (int, float)) or value <= 0:
-        fail(f'{name}={value!r} must be a positive number')
+      if not isinstance(value, (int, float)) or not value > 0:
+        _fail(f'{name}={value!r} must be a positive number')
+
+  def _check_ids(self):
     for name in ('pad_id', 'bos_id', 'eos_id', 'decoder_start_id'):
       value = getattr(self, name)
       if value is None and name in ('pad_id', 'decoder_start_id'):
         continue
       if not isinstance(value, int) or not 0 <= value < self.vocab_size:
-        fail(f'{name}={value!r} is outside the vocabulary [0, {self.vocab_size})')
-    if (not isinstance(self.audio_strides, tuple) or len(self.audio_strides) != 2
-        or not all(isinstance(s, int) and s >= 1 for s in self.audio_strides)):
-      fail(f'audio_strides={self.audio_strides!r} must be two positive integers')
-    if self.max_source_len is not None and (not isinstance(self.max_source_len, int)
-                                            or self.max_source_len <= 0):
-      fail(f'max_source_len={self.max_source_len!r} must be a positive integer or None')
-    if not isinstance(self.num_mel_bins, int) or self.num_mel_bins <= 0:
-      fail(f'num_mel_bins={self.num_mel_bins!r} must be a positive integer')
+        _fail(f'{name}={value!r} is outside the vocabulary [0, {self.vocab_size})')
+    if self.eos_id == self.pad_id:
+      _fail(f'eos_id={self.eos_id} equals pad_id: generation marks finished rows with pad_id and '
+            'never samples it, so it could never stop')
+
+  def _check_checkpoint_fields(self):
+    """The fields the Hugging Face architectures brought (T5's buckets, BART's offset, ...)."""
     for name in ('relative_buckets', 'relative_max_distance'):
       value = getattr(self, name)
       if not isinstance(value, int) or value < 2:
-        fail(f'{name}={value!r} must be an integer >= 2')
+        _fail(f'{name}={value!r} must be an integer >= 2')
     if not isinstance(self.position_offset, int) or self.position_offset < 0:
-      fail(f'position_offset={self.position_offset!r} must be a non-negative integer')
+      _fail(f'position_offset={self.position_offset!r} must be a non-negative integer')
     if self.position_offset and self.positions != 'learned':
-      fail(f'position_offset={self.position_offset} needs positions=\'learned\', got '
-           f'{self.positions!r}')
-    if self.attention_scale is not None and (
-        not isinstance(self.attention_scale, (int, float)) or not self.attention_scale > 0):
-      fail(f'attention_scale={self.attention_scale!r} must be a positive number or None')
+      _fail(f'position_offset={self.position_offset} needs positions=\'learned\', got '
+            f'{self.positions!r}')
     if self.scale_tied_output and not self.tie_embeddings:
-      fail('scale_tied_output=True needs tie_embeddings=True (T5 scales only a tied output)')
-    if self.eos_id == self.pad_id:
-      fail(f'eos_id={self.eos_id} equals pad_id: generation marks finished rows with pad_id and '
-           'never samples it, so it could never stop')
+      _fail('scale_tied_output=True needs tie_embeddings=True (T5 scales only a tied output)')
 
   def replace(self, **overrides) -> TransformerConfig:
     """A copy with `overrides`; a derived num_kv_heads / head_dim is derived again."""
