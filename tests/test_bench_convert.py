@@ -13,6 +13,7 @@ def test_quick_run_records_parity_and_loading(tmp_path):
   record = json.loads(next(tmp_path.glob('convert-*.json')).read_text())
   assert set(record['parity_max_abs_diff']) == set(hf_tiny.KINDS)
   assert max(record['parity_max_abs_diff'].values()) <= 1e-5
-  for who in ('ours', 'transformers'):  # both loaded the same checkpoint in their own process
-    assert record['loading'][who]['seconds'] > 0
+  for who in ('ours', 'transformers'):  # both loaded the checkpoint, each in its own process
+    assert set(record['loading'][who]) == {'seconds', 'peak_mb', 'before_mb', 'added_peak_mb'}
     assert record['loading'][who]['peak_mb'] >= record['loading'][who]['before_mb']
+  assert record['loading']['n_params'] > 0

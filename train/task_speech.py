@@ -27,7 +27,7 @@ import soundfile
 from flaxformer_lite import SpeechTransformer, audio, generate
 from train import data, scoring
 from train import speech_data as sd
-from train.tasks import Task, _stack, _valid, to_host
+from train.tasks import Task, _stack, _valid, seq2seq_forward, to_host
 
 DECODE_SUBSET = 100  # held-out utterances decoded for WER/CER at every evaluation
 LOSS_SUBSET = 256  # held-out utterances of the eval loss / accuracy
@@ -142,11 +142,7 @@ class SpeechTask(Task):
   def init_args(self, batch):
     return batch['src'], batch['tgt_in']
 
-  def forward(self, model, params, batch, *, deterministic=True, rngs=None):
-    logits = model.apply({'params': params}, batch['src'], batch['tgt_in'],
-                         src_valid=batch['src_valid'], tgt_valid=batch['tgt_valid'],
-                         deterministic=deterministic, rngs=rngs)
-    return logits, batch['tgt_out'], batch['tgt_valid'].astype(np.float32)
+  forward = staticmethod(seq2seq_forward)
 
   # --- evaluation --------------------------------------------------------------------------
 

@@ -19,13 +19,12 @@ repeated 6-byte / 3-piece n-gram) on a seeded sample of at most EVAL_ROUGE_PAIRS
 
 from __future__ import annotations
 
-import grain
 import numpy as np
 
 from flaxformer_lite import generate
 from train import data, pretrained, summarize_data
 from train.config import UsageError
-from train.tasks import Seq2SeqTask, _valid, seq2seq_example, to_host
+from train.tasks import Seq2SeqTask, _valid, to_host
 
 EVAL_ROUGE_PAIRS = 128  # held-out pairs decoded with beams at every evaluation
 DECODE_BATCH = 64  # rows per beam-search call (each row holds --beam-size beams)
@@ -76,10 +75,7 @@ class SummarizeTask(Seq2SeqTask):
     return subset, [p for i, p in enumerate(held_out) if i not in chosen]
 
   def train_examples(self):
-    pairs, src_len, tgt_len, tok, ids = (self._train, self.src_len, self.tgt_len,
-                                         self.tokenizer, self.ids)
-    return (grain.MapDataset.range(len(pairs)).shuffle(seed=self.run.seed).repeat(None)
-            .map(lambda i: seq2seq_example(*pairs[i], src_len, tgt_len, tok, ids)))
+    return self.pair_examples(self._train)
 
   def eval_pairs(self):
     return self._eval

@@ -61,6 +61,15 @@ def seq2seq_example(src: str, tgt: str, src_len: int, tgt_len: int,
           'tgt_valid': _valid(len(labels), tgt_len)}
 
 
+def seq2seq_forward(model, params, batch, *, deterministic=True, rngs=None):
+  """An encoder-decoder's forward pass over a batch of `seq2seq_example`s (or their audio
+  twins): (logits, labels, label weights), padding taken from the batch's masks."""
+  logits = model.apply({'params': params}, batch['src'], batch['tgt_in'],
+                       src_valid=batch['src_valid'], tgt_valid=batch['tgt_valid'],
+                       deterministic=deterministic, rngs=rngs)
+  return logits, batch['tgt_out'], batch['tgt_valid'].astype(jnp.float32)
+
+
 @dataclasses.dataclass
 class Task:
   """What the loop needs from a task. `batch_size` is global (all devices together).
@@ -146,11 +155,13 @@ class Seq2SeqTask(Task):
   def init_args(self, batch):
     return batch['src'], batch['tgt_in']
 
-  def forward(self, model, params, batch, *, deterministic=True, rngs=None):
-    logits = model.apply({'params': params}, batch['src'], batch['tgt_in'],
-                         src_valid=batch['src_valid'], tgt_valid=batch['tgt_valid'],
-                         deterministic=deterministic, rngs=rngs)
-    return logits, batch['tgt_out'], batch['tgt_valid'].astype(jnp.float32)
+  forward = staticmethod(seq2seq_forward)
+
+  def pair_examples(self, pairs: list[tuple[str, str]]) -> grain.MapDataset:
+    """Training examples of (source, target) text pairs: shuffled by the seed, repeated."""
+    src_len, tgt_len, tok, ids = self.src_len, self.tgt_len, self.tokenizer, self.ids
+    return (grain.MapDataset.range(len(pairs)).shuffle(seed=self.run.seed).repeat(None)
+            .map(lambda i: seq2seq_example(*pairs[i], src_len, tgt_len, tok, ids)))
 
   def eval_pairs(self) -> list[tuple[str, str]]:
     raise NotImplementedError
@@ -242,10 +253,7 @@ class TranslateTask(Seq2SeqTask):
     self.make_tokenizer([text for pair in self._train for text in pair])
 
   def train_examples(self):
-    pairs, src_len, tgt_len, tok, ids = (self._train, self.src_len, self.tgt_len,
-                                         self.tokenizer, self.ids)
-    return (grain.MapDataset.range(len(pairs)).shuffle(seed=self.run.seed).repeat(None)
-            .map(lambda i: seq2seq_example(*pairs[i], src_len, tgt_len, tok, ids)))
+    return self.pair_examples(self._train)
 
   def eval_pairs(self):
     return self._eval
