@@ -221,6 +221,9 @@ PRESETS: dict[str, dict] = {
     # Small enough for tests and CPU demos; the defaults above.
     'tiny': dict(vocab_size=256, d_model=64, num_heads=4, num_encoder_layers=2,
                  num_decoder_layers=2, d_ff=256, max_len=256, dropout_rate=0.1),
+    # Twice tiny's width and depth: still minutes on a laptop, for tasks tiny cannot learn.
+    'small': dict(vocab_size=256, d_model=128, num_heads=4, num_encoder_layers=4,
+                  num_decoder_layers=4, d_ff=512, max_len=256, dropout_rate=0.1),
     'vaswani-base': dict(_VASWANI, d_model=512, num_heads=8, num_encoder_layers=6,
                          num_decoder_layers=6, d_ff=2048),
     'vaswani-big': dict(_VASWANI, d_model=1024, num_heads=16, num_encoder_layers=6,

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from train import data, qa_data, squad
+from train import data, qa_data, squad, word_pieces
 from train.data import DataError
 
 CLS, SEP, PAD = 1, 2, 0  # any three ids: the windows only place them
@@ -53,8 +53,9 @@ def _write(tmp_path, name, content):
 
 
 @pytest.fixture(scope='module')
-def tokenizers_by_kind():
-  """Three tokenize functions: bytes, a tiny SentencePiece unigram model and a tiny WordPiece."""
+def tokenizers_by_kind(tmp_path_factory):
+  """Four tokenize functions: bytes, a tiny SentencePiece unigram model, a tiny lower-cased
+  WordPiece and our word-pieces (train/word_pieces.py)."""
   import sentencepiece
   import tokenizers
   from tokenizers import models, normalizers, pre_tokenizers, trainers
@@ -70,9 +71,12 @@ def tokenizers_by_kind():
   wp.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
   wp.train_from_iterator(texts * 5, trainers.WordPieceTrainer(
       vocab_size=150, special_tokens=['[PAD]', '[UNK]', '[CLS]', '[SEP]']))
+  ours = word_pieces.WordPiecesTokenizer.train_or_load(
+      texts * 5, str(tmp_path_factory.mktemp('wp') / word_pieces.FILE), 100)
   return {'bytes': squad.offset_tokenizer(data.ByteTokenizer()),
           'sentencepiece': squad.offset_tokenizer(sp),
-          'wordpiece': squad.offset_tokenizer(wp)}
+          'wordpiece': squad.offset_tokenizer(wp),
+          'word-pieces (ours)': squad.offset_tokenizer(ours)}
 
 
 def _windows(example, tokenize, max_len=96, doc_stride=16):
@@ -135,7 +139,8 @@ def test_missing_id_and_missing_file_are_named(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # windows
 
-@pytest.mark.parametrize('kind', ['bytes', 'sentencepiece', 'wordpiece'])
+@pytest.mark.parametrize('kind', ['bytes', 'sentencepiece', 'wordpiece',
+                                  'word-pieces (ours)'])
 @pytest.mark.parametrize('max_len, doc_stride', [(256, 64), (96, 16)])
 def test_window_answers_map_back_to_the_exact_characters(tmp_path, tokenizers_by_kind, kind,
                                                          max_len, doc_stride):

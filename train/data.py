@@ -77,16 +77,14 @@ class ByteTokenizer(OwnSpecials):
     return decode(tokens)
 
 
-class SentencePieceTokenizer(OwnSpecials):
-  """A SentencePiece unigram model trained on the run's own training text, kept in the workdir
-  so that a resumed run and `train.generate` read the same vocabulary."""
-  name = 'sentencepiece'
+class TrainedTokenizer(OwnSpecials):
+  """A vocabulary trained on the run's own training text, kept in the workdir so that a resumed
+  run and `train.generate` read the same one. Subclasses: `_train` and `__init__(model_path)`."""
 
-  def __init__(self, model_path: str):
-    import sentencepiece
-    self.processor = sentencepiece.SentencePieceProcessor(model_file=model_path)
-    # Rounded up to a multiple of 8 for the embedding's sake; the extra ids are never produced.
-    self.vocab_size = -(-self.processor.vocab_size() // 8) * 8
+  @staticmethod
+  def owner_path(model_path: str) -> str:
+    """Where the options the model was trained with are kept, beside it."""
+    return model_path[:model_path.rindex('.')] + '.json'
 
   @classmethod
   def train_or_load(cls, texts: list[str], model_path: str, vocab_size: int,
@@ -94,7 +92,7 @@ class SentencePieceTokenizer(OwnSpecials):
     """Trains on `texts` unless the workdir has this run's model already. The model's options
     (vocabulary size, a fingerprint of the data) are kept beside it, so a model trained for
     another run is refused, never reused."""
-    owner_path = model_path[:-len('.model')] + '.json'
+    owner_path = cls.owner_path(model_path)
     owner = {'vocab_size': vocab_size, 'data': data}
     if pathlib.Path(model_path).exists() and pathlib.Path(owner_path).exists():
       saved = json.loads(pathlib.Path(owner_path).read_text())
@@ -110,6 +108,17 @@ class SentencePieceTokenizer(OwnSpecials):
       write_json(owner_path, owner)
       cls._train(texts, model_path, vocab_size)
     return cls(model_path)
+
+
+class SentencePieceTokenizer(TrainedTokenizer):
+  """A SentencePiece unigram model of the run's training text (`tokenizer.model`)."""
+  name = 'sentencepiece'
+
+  def __init__(self, model_path: str):
+    import sentencepiece
+    self.processor = sentencepiece.SentencePieceProcessor(model_file=model_path)
+    # Rounded up to a multiple of 8 for the embedding's sake; the extra ids are never produced.
+    self.vocab_size = -(-self.processor.vocab_size() // 8) * 8
 
   @staticmethod
   def _train(texts: list[str], model_path: str, vocab_size: int) -> None:

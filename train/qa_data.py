@@ -51,6 +51,7 @@ TRAIN_MODULES = (
 EVAL_MODULES = ('bisect', 'calendar', 'csv', 'difflib', 'heapq', 'html', 'ipaddress', 'json',
                 'shlex', 'statistics', 'textwrap', 'urllib.robotparser')
 ENTRIES_PER_CONTEXT = 3
+TRAIN_PAGES = 8  # shufflings of each training module into contexts (`module_examples`)
 _MAX_DOC = 400  # characters of docstring per entry: a paragraph, not a page
 _MAX_DEFAULT = 40  # longer default reprs are not asked for
 
@@ -185,25 +186,37 @@ def _questions(e: dict, at: int, context: str, rng,
   return out
 
 
-def module_examples(module_names, seed: int) -> list[Example]:
+def module_examples(module_names, seed: int, pages: int = 1) -> list[Example]:
   """Contexts of ENTRIES_PER_CONTEXT entries of one module (shuffled by the seed) and their
-  questions, module by module."""
+  questions, module by module; `pages` different shufflings of each module's entries.
+
+  More pages put each entry among other neighbours and at other places: with one page a small
+  model learns where the answers of the ~1,000 training contexts lie instead of how to find
+  them (its held-out loss rises while the training loss falls)."""
   examples = []
   for m, module_name in enumerate(module_names):
     try:
       found = entries(module_name)
     except ImportError:  # a module this Python was built without (e.g. no _ssl, no _sqlite3)
       continue
-    rng = np.random.default_rng([seed, m])
-    found = [found[i] for i in rng.permutation(len(found))]
-    for c in range(0, len(found), ENTRIES_PER_CONTEXT):
-      context, starts = _context(found[c:c + ENTRIES_PER_CONTEXT])
-      for k, (e, at) in enumerate(zip(found[c:c + ENTRIES_PER_CONTEXT], starts)):
-        for key, question, text, start in _questions(e, at, context, rng, k == 0):
-          assert context[start:start + len(text)] == text, (module_name, e['name'], key)
-          examples.append(Example(f"{e['module']}.{e['name']}:{key}", question, context,
-                                  (Answer(text, start),)))
+    for page in range(pages):
+      rng = np.random.default_rng([seed, m] + [page] * (page > 0))
+      shuffled = [found[i] for i in rng.permutation(len(found))]
+      suffix = f'#{page}' if page else ''
+      for c in range(0, len(shuffled), ENTRIES_PER_CONTEXT):
+        examples += _page_examples(module_name, shuffled[c:c + ENTRIES_PER_CONTEXT], rng, suffix)
   return examples
+
+
+def _page_examples(module_name: str, group: list[dict], rng, suffix: str) -> list[Example]:
+  context, starts = _context(group)
+  out = []
+  for k, (e, at) in enumerate(zip(group, starts)):
+    for key, question, text, start in _questions(e, at, context, rng, k == 0):
+      assert context[start:start + len(text)] == text, (module_name, e['name'], key)
+      out.append(Example(f"{e['module']}.{e['name']}:{key}{suffix}", question, context,
+                         (Answer(text, start),)))
+  return out
 
 
 def default_examples(seed: int = 0) -> tuple[list[Example], list[Example]]:
@@ -225,7 +238,8 @@ def default_examples(seed: int = 0) -> tuple[list[Example], list[Example]]:
 
 def generate_examples(seed: int) -> tuple[list[Example], list[Example]]:
   """`default_examples` in this process (see there why it runs in a fresh one)."""
-  return module_examples(TRAIN_MODULES, seed), module_examples(EVAL_MODULES, seed)
+  return (module_examples(TRAIN_MODULES, seed, TRAIN_PAGES),
+          module_examples(EVAL_MODULES, seed))
 
 
 # ---------------------------------------------------------------------------------------------

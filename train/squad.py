@@ -164,11 +164,13 @@ def offset_tokenizer(tokenizer) -> Tokenize:
   """The `tokenize(text) -> (ids, offsets)` of any tokenizer the program uses."""
   import sentencepiece
   import tokenizers
-  from train import hf_tokenizer
+  from train import hf_tokenizer, word_pieces
   if isinstance(tokenizer, data.ByteTokenizer):
     return tokenize_bytes
   if isinstance(tokenizer, data.SentencePieceTokenizer):
     return sentencepiece_tokenize(tokenizer.processor)
+  if isinstance(tokenizer, word_pieces.WordPiecesTokenizer):
+    return tokenizers_tokenize(tokenizer.tok)
   if isinstance(tokenizer, sentencepiece.SentencePieceProcessor):
     return sentencepiece_tokenize(tokenizer)
   if isinstance(tokenizer, hf_tokenizer.JsonTokenizer):

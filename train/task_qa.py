@@ -8,10 +8,11 @@ targets [B, 2], so train/step.py's token-level cross-entropy computes exactly th
 
 Data: by default questions on the Python standard library's own documentation
 (train/qa_data.py, held out by module); with --data a SQuAD v1.1/v2.0 JSON file, every 10th
-context (paragraph) held out with all its questions. Byte tokens by default, with the byte
-tokenizer's BOS/EOS as [CLS]/[SEP]; a BERT checkpoint's own [CLS]/[SEP] under --init-from.
---seq-len is the window length, --doc-stride the step between context chunks and
---max-answer-len the longest span predicted, all in tokens (bytes by default).
+context (paragraph) held out with all its questions. Tokens: pieces of words trained on the
+training questions and contexts by default (train/word_pieces.py), or --tokenizer byte /
+sentencepiece, with our BOS/EOS as [CLS]/[SEP]; a BERT checkpoint's own tokenizer and
+[CLS]/[SEP] under --init-from. --seq-len is the window length, --doc-stride the step between
+context chunks and --max-answer-len the longest span predicted, all in tokens.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ def special_ids(tokenizer, ids) -> tuple[int, int]:
 
 def make_windows(examples, tokenizer, ids, *, seq_len: int, doc_stride: int) -> list:
   """Every window of `examples`; the question is cut to half a window (BERT: 64 of 384)."""
-  tokenize = squad.offset_tokenizer(tokenizer)
+  # A context is asked about many times (the default data: ~10 questions a page): tokenized once.
+  tokenize = functools.lru_cache(maxsize=None)(squad.offset_tokenizer(tokenizer))
   cls_id, sep_id = special_ids(tokenizer, ids)
   out = []
   for ex in examples:
@@ -113,6 +115,13 @@ class QATask(Task):
   decodes_in_eval = True  # exact match and F1 at every evaluation
   attention_title = 'self-attention, last layer: question (rows) -> context (mean over heads)'
 
+  def config(self, preset, **overrides):
+    # The from-scratch presets take rotary positions here: an answer is found by its offset
+    # from a name the question quotes, which rotary attention scores see directly.
+    if preset in ('tiny', 'small'):
+      overrides.setdefault('positions', 'rotary')
+    return super().config(preset, **overrides)
+
   def prepare(self):
     if self.run.data is None:
       self._train, held = qa_data.default_examples(self.run.seed)
@@ -122,7 +131,9 @@ class QATask(Task):
     if self.run.seq_len < 8:
       raise data.DataError(f'--seq-len {self.run.seq_len} is too short for a question and a '
                            'context window')
-    self.make_tokenizer([t for ex in self._train for t in (ex.question, ex.context)])
+    # Each text once: a context is the context of all its questions.
+    self.make_tokenizer(list(dict.fromkeys(t for ex in self._train
+                                           for t in (ex.question, ex.context))))
     self._windows = {}
     self._apply_fn = None
 

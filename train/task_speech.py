@@ -77,8 +77,6 @@ class SpeechTask(Task):
   # --- data --------------------------------------------------------------------------------
 
   def prepare(self):
-    if self.run.tokenizer != 'byte':
-      raise data.DataError('--tokenizer sentencepiece applies to --task text and translate')
     if self.run.init_from:
       raise data.DataError('--init-from is not supported by --task speech yet')
     if self.run.data is None:

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxformer_lite import GPT, BertEncoder, Transformer, TransformerConfig, generate
-from train import data
+from train import data, word_pieces
 from train.config import RunConfig
 from train.data import BOS, EOS, PAD
 
@@ -70,6 +70,11 @@ def seq2seq_forward(model, params, batch, *, deterministic=True, rngs=None):
   return logits, batch['tgt_out'], batch['tgt_valid'].astype(jnp.float32)
 
 
+# --tokenizer -> (its class, its file in the workdir); 'byte' needs neither.
+TRAINED_TOKENIZERS = {'sentencepiece': (data.SentencePieceTokenizer, 'tokenizer.model'),
+                      'word-pieces': (word_pieces.WordPiecesTokenizer, word_pieces.FILE)}
+
+
 @dataclasses.dataclass
 class Task:
   """What the loop needs from a task. `batch_size` is global (all devices together).
@@ -84,6 +89,7 @@ class Task:
   ids = SpecialIds()  # set from the model's config once it is built
 
   model_cls = None
+  tokenizers = ('byte', 'sentencepiece')  # the --tokenizer values the task takes
   init_method = None  # the model method whose parameters training needs
   decodes_in_eval = False  # examples() computes metrics at every evaluation (else at the end)
   attention_title = None  # attention.png's title, for tasks with an attention_example
@@ -104,15 +110,17 @@ class Task:
     """Reads/generates the data; raises data.DataError for bad user data."""
 
   def make_tokenizer(self, texts: list[str]) -> None:
-    if self.run.tokenizer == 'sentencepiece':
-      path = str(pathlib.Path(self.run.workdir).absolute() / 'tokenizer.model')
-      # One process trains (the workdir may be shared), the others wait and load its model.
-      if jax.process_index() == 0:
-        data.SentencePieceTokenizer.train_or_load(texts, path, self.run.vocab_size,
-                                                  self.data_fingerprint)
-      if jax.process_count() > 1:
-        multihost_utils.sync_global_devices('tokenizer trained')
-      self.tokenizer = data.SentencePieceTokenizer(path)
+    """The --tokenizer of the run, trained on `texts` (the byte tokenizer needs no training)."""
+    if self.run.tokenizer == 'byte' or self.run.init_from:
+      return
+    cls, name = TRAINED_TOKENIZERS[self.run.tokenizer]
+    path = str(pathlib.Path(self.run.workdir).absolute() / name)
+    # One process trains (the workdir may be shared), the others wait and load its model.
+    if jax.process_index() == 0:
+      cls.train_or_load(texts, path, self.run.vocab_size, self.data_fingerprint)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices('tokenizer trained')
+    self.tokenizer = cls(path)
 
   def train_examples(self) -> grain.MapDataset:
     raise NotImplementedError
@@ -231,10 +239,6 @@ class DatesTask(Seq2SeqTask):
         lambda i: seq2seq_example(*data.date_example(seed, i, 'train'), src_len, tgt_len, tok,
                                   ids))
 
-  def prepare(self):
-    if self.run.tokenizer != 'byte':
-      raise data.DataError('--tokenizer sentencepiece applies to --task text and translate')
-
   def eval_pairs(self):
     return [data.date_example(self.run.seed, i, 'eval') for i in range(1000)]
 
@@ -268,8 +272,6 @@ class TextTask(Task):
         data.text_documents(self.run.data, self.run.on_bad_bytes))
     if note and jax.process_index() == 0:
       print(note)
-    if self.run.tokenizer != 'byte' and isinstance(self, MLMTask):
-      raise data.DataError('--tokenizer sentencepiece applies to --task text and translate')
     self.make_tokenizer(train_docs)
     self._train = data.token_stream(train_docs, self.tokenizer)
     self._eval = data.token_stream(eval_docs, self.tokenizer)
