@@ -11,6 +11,7 @@ import concurrent.futures
 import json
 import pathlib
 import signal
+from types import SimpleNamespace
 
 import jax
 import numpy as np
@@ -22,6 +23,7 @@ from cli import (BASE, Background, assert_one_error_line, checkpoint_steps, max_
 from flaxformer_lite import BertEncoder, TransformerConfig
 from train.tasks import SpecialIds  # first: train.tasks imports train.task_qa, not the reverse
 from train import squad, task_qa  # noqa: I001
+from train import generate as generate_cli
 from train.config import RunConfig
 
 NAMES = ['Anna', 'Boris', 'Chen', 'Dara', 'Emil', 'Fatou', 'Goran', 'Hana', 'Ivo', 'Jun',
@@ -172,3 +174,68 @@ def test_answer_outside_context_is_one_error_line(tmp_path):
   path.write_text(json.dumps(bad))
   result = train([*OPTS, '--data', path, '--workdir', tmp_path / 'w'])
   assert_one_error_line(result, 'bad_squad.json', f'question {qa["id"]}', 'outside its context')
+
+
+# ------------------------------------------------------------------------------------------------
+# python -m train.generate --question Q --context C on the default run's checkpoint
+
+QUESTION = 'What does json.dumps return?'
+CONTEXT = ('json.dumps(obj, *, skipkeys=False, ensure_ascii=True, check_circular=True, '
+           'allow_nan=True, cls=None, indent=None, separators=None, default=None, '
+           'sort_keys=False, **kw): Serialize obj to a JSON formatted str using this conversion '
+           'table. The arguments have the same meaning as in dump. Keys in key/value pairs of JSON '
+           'are always of the type str. When a dictionary is converted into JSON, all the keys of '
+           'the dictionary are coerced to strings. json.loads(s, *, cls=None, object_hook=None, '
+           'parse_float=None, parse_int=None, parse_constant=None, object_pairs_hook=None, **kw): '
+           'Deserialize s (a str, bytes or bytearray instance containing a JSON document) to a '
+           'Python object using this conversion table.')
+
+
+def call_generate(capsys, *args):
+  """`train.generate.main(args)` in this process, as a CompletedProcess-like result."""
+  rc = generate_cli.main([str(a) for a in args])
+  out = capsys.readouterr()
+  return SimpleNamespace(returncode=rc, stdout=out.out, stderr=out.err)
+
+
+def test_generate_prints_the_best_span_and_its_score(runs, capsys):
+  """The printed span and score are those of a brute-force search over the logits of the run's
+  windows: start <= end, both context tokens, at most --max-answer-len tokens, the first best."""
+  run = runs['default']
+  assert run['rc'] == 0, run['stderr'][-3000:]
+  workdir = str(run['workdir'])
+  options = json.loads((run['workdir'] / 'config.json').read_text())['run']
+  result = call_generate(capsys, '--workdir', workdir, '--question', QUESTION,
+                         '--context', CONTEXT)
+  assert result.returncode == 0, result.stderr
+  gen = generate_cli.load(workdir)
+  example = squad.Example('q', QUESTION, CONTEXT, (), is_impossible=True)
+  windows = task_qa.make_windows([example], gen.tokenizer, SpecialIds(),
+                                 seq_len=options['seq_len'], doc_stride=options['doc_stride'])
+  assert len(windows) > 1  # the answer is searched in every window
+  batch = squad.to_batch(windows)
+  start, end = gen.model.apply({'params': gen.params}, batch['tokens'], batch['token_types'],
+                               valid=batch['valid'], method='qa_logits')
+  longest, best, text = options['max_answer_len'], -np.inf, None
+  for w, s, e in zip(windows, np.asarray(start, np.float64), np.asarray(end, np.float64)):
+    context = np.flatnonzero(w.offsets[:, 1] > w.offsets[:, 0])
+    for i in context:
+      ends = context[(context >= i) & (context < i + longest)]
+      j = ends[np.argmax(e[ends])]
+      if s[i] + e[j] > best:
+        best, text = s[i] + e[j], CONTEXT[w.offsets[i, 0]:w.offsets[j, 1]]
+  [line] = result.stdout.splitlines()
+  head, _, score = line.rpartition(' (')
+  assert head == f'{QUESTION} -> {text}' and text
+  assert float(score.rstrip(')')) == pytest.approx(best, abs=1e-3)
+
+
+def test_generate_request_errors_are_one_line(runs, capsys):
+  workdir = runs['default']['workdir']
+  assert_one_error_line(call_generate(capsys, '--workdir', workdir, '--question', 'Who?'),
+                        '--question and --context come together', '--context')
+  assert_one_error_line(call_generate(capsys, '--workdir', workdir, '--input', 'x'),
+                        'qa run', '--question Q --context C', 'not --input')
+  assert_one_error_line(call_generate(capsys, '--workdir', workdir, '--question', 'Who?',
+                                      '--context', 'Anna.', '--beam-size', '2'),
+                        '--beam-size', 'qa run')

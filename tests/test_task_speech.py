@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import pathlib
 import signal
+from types import SimpleNamespace
 
 import jax
 import numpy as np
@@ -20,7 +21,9 @@ from cli import (BASE, Background, assert_one_error_line, checkpoint_steps, max_
                  read_metrics, restore_state, train, without_wallclock)
 from train import speech_data as sd
 from train import tasks  # noqa: F401  (first: it imports the task modules, which import it)
-from train.task_speech import features, time_labels
+from train import generate as generate_cli
+from train.config import RunConfig
+from train.task_speech import SpeechTask, features, time_labels
 
 STEPS = 4
 OPTS = ['--task', 'speech', '--steps', STEPS, '--log-every', '2', '--eval-every', '4',
@@ -135,6 +138,42 @@ def test_undecodable_audio_is_one_error_line_naming_file_and_line(runs):
 
 def test_missing_audio_file_is_one_error_line_naming_file_and_line(runs):
   assert_one_error_line(runs['missing'], 'nowhere.wav', 'line 5')
+
+
+# --- python -m train.generate --audio FILE ----------------------------------------------------
+
+def call_generate(capsys, *args):
+  """`train.generate.main(args)` in this process, as a CompletedProcess-like result."""
+  rc = generate_cli.main([str(a) for a in args])
+  out = capsys.readouterr()
+  return SimpleNamespace(returncode=rc, stdout=out.out, stderr=out.err)
+
+
+def test_generate_transcribes_as_the_evaluation_does(runs, capsys):
+  """The printed transcript is SpeechTask.transcribe's on the default corpus' features (640
+  frames, 80 bytes, the run's one beam) of the same file, with the checkpoint's params."""
+  _ok(runs['default'])
+  workdir = runs['root'] / 'default'
+  wav = runs['root'] / 'data' / 'u0.wav'  # 22,050 Hz: resampled as training resamples
+  result = call_generate(capsys, '--workdir', workdir, '--audio', wav)
+  assert result.returncode == 0, result.stderr
+  gen = generate_cli.load(str(workdir))
+  task = SpeechTask(RunConfig(task='speech'))
+  mel, valid = features(sd.load_audio(wav), task.frames)
+  expected = task.transcribe(gen.model, gen.params, [{'src': mel, 'src_valid': valid}], 1)
+  assert result.stdout.splitlines() == [f'{wav} -> {expected[0]}']
+
+
+def test_generate_audio_errors_are_one_line(runs, capsys):
+  workdir, root = runs['root'] / 'default', runs['root']
+  missing = root / 'data' / 'nowhere.wav'
+  assert_one_error_line(call_generate(capsys, '--workdir', workdir, '--audio', missing),
+                        f'--audio {missing}: no such file')
+  garbage = root / 'undecodable' / 'u3.wav'
+  assert_one_error_line(call_generate(capsys, '--workdir', workdir, '--audio', garbage),
+                        f'--audio {garbage}', 'does not decode as audio')
+  assert_one_error_line(call_generate(capsys, '--workdir', workdir, '--input', 'x'),
+                        'speech run', '--audio FILE', 'not --input')
 
 
 # --- pieces, no training --------------------------------------------------------------------

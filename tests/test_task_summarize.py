@@ -16,6 +16,7 @@ import json
 import pathlib
 import re
 import signal
+from types import SimpleNamespace
 
 import jax
 import numpy as np
@@ -210,3 +211,45 @@ def test_task_splits_and_lengths(tmp_path, files):
   assert lengths == sorted(lengths)  # the shortest first: attention.png draws it
   batch = task.eval_batches(2)[0]
   assert batch['src'].shape == (2, BYTE_LENGTHS[0]) and batch['tgt_out'].shape == (2, 96)
+
+
+# ------------------------------------------------------------------------------------------------
+# python -m train.generate --input DOCUMENT on the default run's checkpoint
+
+DOCUMENTS = ['def get_header(self, name):\n    """Return the header."""\n'
+             '    return self.headers.get(name)',
+             'def remove_item(self, key):\n    self.items.pop(key, None)']
+
+
+def call_generate(capsys, *args):
+  """`train.generate.main(args)` in this process, as a CompletedProcess-like result."""
+  from train import generate as generate_cli
+  rc = generate_cli.main([str(a) for a in args])
+  out = capsys.readouterr()
+  return SimpleNamespace(returncode=rc, stdout=out.out, stderr=out.err)
+
+
+def test_generate_summarizes_as_the_evaluation_does(default, capsys):
+  """The printed summaries are SummarizeTask.summarize's, with the run's settings (byte
+  lengths, --beam-size 2 from the run) and the checkpoint's params."""
+  from train import generate as generate_cli
+  from train.config import RunConfig
+  from train.task_summarize import SummarizeTask
+  _ok(default['a'])
+  workdir = str(default['a_dir'])
+  result = call_generate(capsys, '--workdir', workdir, '--input', DOCUMENTS[0],
+                         '--input', DOCUMENTS[1])
+  assert result.returncode == 0, result.stderr
+  gen = generate_cli.load(workdir)
+  task = SummarizeTask(RunConfig(task='summarize', beam_size=2))
+  expected = task.summarize(gen.model, gen.params, DOCUMENTS)
+  assert result.stdout == ''.join(f'{summary}\n' for summary in expected)  # may hold newlines
+
+
+def test_generate_on_a_summarize_run_refuses_qa_requests(default, capsys):
+  _ok(default['a'])
+  result = call_generate(capsys, '--workdir', default['a_dir'], '--question', 'Who?',
+                         '--context', 'Anna.')
+  assert_one_error_line(result, 'summarize run', '--input', 'not --question, --context')
+  assert_one_error_line(call_generate(capsys, '--workdir', default['a_dir'], '--input', 'x',
+                                      '--temperature', '0.7'), '--temperature', 'summarize run')

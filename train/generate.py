@@ -1,9 +1,23 @@
-"""python -m train.generate --workdir DIR [--prompt TEXT | --input TEXT]: decode with the newest
-checkpoint of a training run (GPT continues --prompt; the Transformer rewrites --input).
+"""python -m train.generate --workdir DIR REQUEST...: decode with the newest checkpoint of a
+training run. REQUEST depends on the run's task (the last three: train/generate_tasks.py):
 
-Only the workdir is read: config.json (its 'task', 'run' and 'model_config'), the tokenizer
-model of a sentencepiece run (of an --init-from run: pretrained/, the checkpoint's tokenizer and
-generation defaults) and the params of the newest finished checkpoint. Nothing is
+  text              --prompt TEXT     prints the continuation of TEXT (GPT)
+  dates, translate  --input TEXT      prints 'TEXT -> output' (Transformer)
+  summarize         --input DOCUMENT  prints the summary, decoded as the task's evaluation does:
+                                      beam search with the run's --beam-size (Transformer)
+  qa                --question Q --context C
+                                      prints 'Q -> span (score)': the span of C with the best
+                                      start + end logit, the score their sum (BertEncoder)
+  speech            --audio FILE      prints 'FILE -> transcript' of a wav or flac file at
+                                      16 kHz (other rates are resampled; SpeechTransformer)
+
+Each is repeatable (qa: one --context for every --question, or one per --question). Another
+task's request, none, or an option a task's decoding has no use for (qa: --max-new-tokens,
+--beam-size, sampling; summarize, speech: sampling) is one `error:` line, as is any bad input.
+
+Of the run only the workdir is read: config.json (its 'task', 'run' and 'model_config'), the
+tokenizer model of a sentencepiece run (of an --init-from run: pretrained/, the checkpoint's
+tokenizer and generation defaults) and the params of the newest finished checkpoint. Nothing is
 written there and the training data is not needed, so this works while the run is still
 training (and saving) in the same workdir, and after its --data has been moved.
 """
@@ -24,26 +38,46 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from flaxformer_lite import GPT, Transformer, TransformerConfig, beam_search, generate
-from train import checkpoint, data, pretrained
+from flaxformer_lite import (GPT, BertEncoder, SpeechTransformer, Transformer, TransformerConfig,
+                             beam_search, generate)
+from train import checkpoint, data, generate_tasks, pretrained
 from train.config import UsageError
-from train.tasks import DatesTask, SpecialIds, to_host
+from train.tasks import TRAINED_TOKENIZERS, DatesTask, SpecialIds, task_class, to_host
 
-MODELS = {'dates': Transformer, 'translate': Transformer, 'text': GPT}
-TOKENIZERS = ('byte', 'sentencepiece')
+MODELS = {'dates': Transformer, 'translate': Transformer, 'text': GPT, 'summarize': Transformer,
+          'qa': BertEncoder, 'speech': SpeechTransformer}
+# The options that say what to decode, per task, and how each is written in messages.
+REQUESTS = {'text': ('prompt',), 'dates': ('input',), 'translate': ('input',),
+            'summarize': ('input',), 'qa': ('question', 'context'), 'speech': ('audio',)}
+USAGE = {'prompt': '--prompt TEXT', 'input': '--input TEXT', 'question': '--question Q',
+         'context': '--context C', 'audio': '--audio FILE'}
 DEFAULT_NEW_TOKENS = 64  # for GPT; a seq2seq run writes up to its target length
 
 
 def parser():
-  p = argparse.ArgumentParser(prog='python -m train.generate', description=__doc__)
-  p.add_argument('--workdir', required=True)
-  p.add_argument('--prompt', action='append', help='text to continue (text task); repeatable')
-  p.add_argument('--input', action='append', help='source text (dates/translate); repeatable')
-  p.add_argument('--max-new-tokens', type=int, default=None)
-  p.add_argument('--temperature', type=float, default=0.0, help='0 is greedy')
-  p.add_argument('--top-k', type=int)
-  p.add_argument('--top-p', type=float)
-  p.add_argument('--beam-size', type=int, default=0, help='> 0: beam search instead of sampling')
+  p = argparse.ArgumentParser(prog='python -m train.generate', description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--workdir', required=True, help='the training run\'s --workdir')
+  p.add_argument('--prompt', action='append', metavar='TEXT',
+                 help='text to continue (text); repeatable')
+  p.add_argument('--input', action='append', metavar='TEXT',
+                 help='source text (dates, translate) or document (summarize); repeatable')
+  p.add_argument('--question', action='append', metavar='Q',
+                 help='a question about --context (qa); repeatable')
+  p.add_argument('--context', action='append', metavar='C', help='the text holding the answer '
+                 '(qa): once for every --question, or once per --question')
+  p.add_argument('--audio', action='append', metavar='FILE',
+                 help='a wav or flac file to transcribe (speech); repeatable')
+  p.add_argument('--max-new-tokens', type=int, default=None,
+                 help=f'default: the run\'s target length (text: {DEFAULT_NEW_TOKENS})')
+  p.add_argument('--temperature', type=float, default=0.0, help='0 is greedy (text, dates, '
+                 'translate)')
+  p.add_argument('--top-k', type=int, help='sample from the k likeliest tokens (with '
+                 '--temperature)')
+  p.add_argument('--top-p', type=float, help='sample from the nucleus of this mass (with '
+                 '--temperature)')
+  p.add_argument('--beam-size', type=int, default=0, help='> 0: beam search instead of sampling; '
+                 'summarize and speech: default the run\'s --beam-size')
   p.add_argument('--seed', type=int, default=0)
   return p
 
@@ -69,12 +103,14 @@ def check_options(args) -> None:
 @dataclasses.dataclass
 class Generator:
   """What decoding needs, read from a workdir. `src_len`: source length of a seq2seq model
-  (None for GPT); `tgt_len`: its default number of new tokens."""
+  (None for GPT; speech: frames; qa: the window); `tgt_len`: its default number of new tokens
+  (qa: the longest answer). `run`: the qa, summarize and speech runs' options (RunConfig)."""
   task: str
   model: nn.Module
   tokenizer: object
   src_len: int | None
   tgt_len: int
+  run: object = None
   params: object = None  # set by load_params
   step: int | None = None
 
@@ -122,6 +158,7 @@ def make_generator(workdir: str, config: dict) -> Generator:
   # Decoding picks the attention implementation for this machine, whatever training used.
   cfg = cfg.replace(attention_impl=None)
   src_len, tgt_len = DatesTask.src_len, DatesTask.tgt_len
+  options = None
   if task == 'translate':
     seq_len = run.get('seq_len')
     if type(seq_len) is not int or seq_len < 1:
@@ -129,6 +166,8 @@ def make_generator(workdir: str, config: dict) -> Generator:
     src_len = tgt_len = seq_len
   elif task == 'text':
     src_len, tgt_len = None, DEFAULT_NEW_TOKENS
+  elif task in generate_tasks.TASKS:
+    options = generate_tasks.run_config(workdir, run)
   if run.get('init_from'):  # the checkpoint's tokenizer and generation defaults
     source = pretrained.from_workdir(workdir)
     tokenizer, model = source.tokenizer, source.model.clone(config=cfg)
@@ -139,23 +178,26 @@ def make_generator(workdir: str, config: dict) -> Generator:
                      f'{tokenizer.name} tokenizer\'s {tokenizer.vocab_size}')
   if not isinstance(model, MODELS[task]):
     raise UsageError(f'{bad}: task {task} does not fit its {type(model).__name__} model')
-  return Generator(task, model, tokenizer, src_len, tgt_len)
+  if options is not None:
+    src_len, tgt_len = generate_tasks.lengths(workdir, task, options, cfg, tokenizer)
+  return Generator(task, model, tokenizer, src_len, tgt_len, options)
 
 
 def make_tokenizer(workdir: str, name):
-  if name not in TOKENIZERS:
-    raise UsageError(f'--workdir {workdir}: config.json: run tokenizer {name!r} is not one of '
-                     f'{", ".join(TOKENIZERS)}')
   if name == 'byte':
     return data.ByteTokenizer()
-  path = os.path.join(workdir, 'tokenizer.model')
+  if name not in TRAINED_TOKENIZERS:
+    raise UsageError(f'--workdir {workdir}: config.json: run tokenizer {name!r} is not one of '
+                     f'byte, {", ".join(TRAINED_TOKENIZERS)}')
+  cls, file = TRAINED_TOKENIZERS[name]
+  path = os.path.join(workdir, file)
   if not os.path.isfile(path):
-    raise UsageError(f'--workdir {workdir}: no tokenizer.model; this sentencepiece run has not '
-                     'finished preparing its data, or the file was removed')
+    raise UsageError(f'--workdir {workdir}: no {file}; this {name} run has not finished '
+                     'preparing its data, or the file was removed')
   try:
-    return data.SentencePieceTokenizer(path)
-  except (OSError, RuntimeError) as e:
-    raise UsageError(f'--workdir {workdir}: tokenizer.model cannot be read ({e})') from None
+    return cls(path)
+  except Exception as e:  # noqa: BLE001 -- sentencepiece: OSError/RuntimeError; tokenizers: Exception
+    raise UsageError(f'--workdir {workdir}: {file} cannot be read ({e})') from None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -174,12 +216,26 @@ def finished_steps(workdir: str) -> list[int]:
   return sorted(steps, reverse=True)
 
 
-def abstract_params(workdir: str, gen: Generator):
-  """The params' shapes and dtypes, as the model's init makes them (nothing allocated)."""
+def init_args(gen: Generator) -> tuple:
+  """Inputs of the model's init as the task's `init_args` gives them, batch 1 and as short as
+  the model takes: the params' shapes do not depend on the inputs' lengths."""
   tokens = np.ones((1, 1), np.int32)
-  args = (tokens,) if gen.src_len is None else (tokens, tokens)
+  if gen.task == 'text':
+    return (tokens,)
+  if gen.task == 'qa':  # tokens, token types
+    return tokens, np.zeros_like(tokens)
+  if gen.task == 'speech':  # log-mel frames [1, F, M] (one frame after down-sampling), tokens
+    cfg = gen.model.config
+    return np.zeros((1, math.prod(cfg.audio_strides), cfg.num_mel_bins), np.float32), tokens
+  return tokens, tokens  # source, decoder input
+
+
+def abstract_params(workdir: str, gen: Generator):
+  """The params' shapes and dtypes, as the model's init makes them (nothing allocated): the
+  method the task trains (its `init_method`, e.g. BertEncoder's qa_logits) on `init_args`."""
+  args, method = init_args(gen), task_class(gen.task).init_method
   try:
-    variables = jax.eval_shape(lambda: gen.model.init(jax.random.key(0), *args))
+    variables = jax.eval_shape(lambda: gen.model.init(jax.random.key(0), *args, method=method))
   except (TypeError, ValueError) as e:  # fields from_dict accepts but the layers cannot use
     raise UsageError(f'--workdir {workdir}: config.json: model_config builds no model: '
                      f'{checkpoint.short_reason(e)}') from None
@@ -254,18 +310,35 @@ def load(workdir: str) -> Generator:
 # ------------------------------------------------------------------------------------------------
 # decoding
 
-def texts_for(gen: Generator, args) -> list[str]:
-  if gen.src_len is not None:
-    if not args.input:
-      raise UsageError(f'give --input TEXT for a sequence-to-sequence ({gen.task}) run')
-    return args.input
-  if not args.prompt:
-    raise UsageError('give --prompt TEXT for a text run')
-  return args.prompt
+def request_for(gen: Generator, args):
+  """What to decode, checked before any checkpoint is read: the texts (text, dates, translate,
+  summarize), (question, context) pairs (qa) or audio features (speech)."""
+  wanted = REQUESTS[gen.task]
+  usage = ' '.join(USAGE[name] for name in wanted)
+  foreign = [name for name in USAGE if name not in wanted and getattr(args, name)]
+  if foreign:
+    given = ', '.join(USAGE[name].split()[0] for name in foreign)
+    raise UsageError(f'--workdir {args.workdir} is a {gen.task} run: give {usage}, not {given}')
+  if not any(getattr(args, name) for name in wanted):
+    raise UsageError(f'give {usage} for a {gen.task} run')
+  if gen.task in generate_tasks.TASKS:
+    generate_tasks.check_task_options(gen.task, args)
+  if gen.task == 'qa':
+    return generate_tasks.qa_request(args)
+  if gen.task == 'speech':
+    return generate_tasks.speech_request(gen, args)
+  return getattr(args, wanted[0])
 
 
-def decode(gen: Generator, texts: list[str], args) -> list[str]:
-  """One output line per text: the continuation (GPT) or 'source -> output' (Transformer)."""
+def decode(gen: Generator, texts: list, args) -> list[str]:
+  """One output line per item of `request_for`'s list: the continuation (GPT), 'source ->
+  output' (dates, translate), or the application task's line (train/generate_tasks.py)."""
+  if gen.task == 'qa':  # texts: (question, context) pairs
+    return generate_tasks.answer_lines(gen, texts)
+  if gen.task == 'summarize':
+    return generate_tasks.summarize_lines(gen, texts, args)
+  if gen.task == 'speech':  # texts: the audio files' features
+    return generate_tasks.transcribe_lines(gen, texts, args)
   if gen.src_len is not None:  # a source as training built it (special tokens, prefix)
     encoded = [gen.tokenizer.encode_source(t, gen.src_len) for t in texts]
   else:
@@ -297,9 +370,9 @@ def main(argv=None) -> int:
   try:
     check_options(args)
     gen = make_generator(args.workdir, read_config(args.workdir))
-    texts = texts_for(gen, args)
+    request = request_for(gen, args)
     gen.params, gen.step = load_params(args.workdir, gen)
-    lines = decode(gen, texts, args)
+    lines = decode(gen, request, args)
   except UsageError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
