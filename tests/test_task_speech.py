@@ -193,3 +193,31 @@ def test_time_labels_sit_on_the_ticks_viz_draws():
   assert shown[0] == '0.0s' and '0.4s' in shown and '4.8s' in shown
   assert all(label == '' for label in labels[1::2])
   assert time_labels(10, 0.04)[5] == '0.2s'
+
+
+def test_kept_training_features_compute_what_the_example_computes(tmp_path):
+  """The default corpus' training features are computed once and kept: a later reading is the
+  same valid frames and targets, and the model encodes it exactly as the freshly made example
+  (whose padding frames hold log-mel of silence, where the kept ones hold zeros)."""
+  from flaxformer_lite import SpeechTransformer
+  task = SpeechTask(RunConfig(task='speech', workdir=str(tmp_path)))
+  task.n_train = 4
+  task.prepare()
+  fresh = [task.example(*task._train[i]) for i in range(2)]
+  kept = [task._kept_example(i) for i in range(2)]
+  assert set(task._kept) == {0, 1}
+  again = task._kept_example(1)
+  assert all(np.array_equal(again[k], kept[1][k]) for k in again)
+  for f, k in zip(fresh, kept):
+    n = int(f['src_valid'].sum())
+    assert 0 < n < task.frames
+    np.testing.assert_array_equal(k['src'][:n], f['src'][:n])
+    assert not k['src'][n:].any() and f['src'][n:].any()
+    for key in ('src_valid', 'tgt_in', 'tgt_out', 'tgt_valid'):
+      np.testing.assert_array_equal(k[key], f[key])
+  model = SpeechTransformer(task.config('tiny'))
+  batch = lambda es, key: np.stack([e[key] for e in es])
+  variables = model.init(jax.random.key(0), batch(fresh, 'src'), batch(fresh, 'tgt_in'))
+  encode = lambda es: model.apply(variables, batch(es, 'src'), src_valid=batch(es, 'src_valid'),
+                                  method='encode')
+  np.testing.assert_array_equal(np.asarray(encode(kept)), np.asarray(encode(fresh)))
