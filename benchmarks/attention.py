@@ -175,8 +175,9 @@ def flops(b, t, n, h, causal, mode):
   return f / 2 if causal else f
 
 
-def benchmark_series(args, h, dtype, mode, causal, torch_setup):
-  """All lengths of one (head_dim, dtype, mode, causal): a list of result rows."""
+def benchmark_series(args, h, dtype, mode, causal, torch_setup, on_row=lambda row: None):
+  """All lengths of one (head_dim, dtype, mode, causal): a list of result rows; `on_row(row)`
+  after each length."""
   rows, stopped = [], set()
   for t in args.lengths:
     shape = (args.batch, t, args.heads, h)
@@ -208,6 +209,7 @@ def benchmark_series(args, h, dtype, mode, causal, torch_setup):
                               jax.ShapeDtypeStruct(shape, jnp.dtype(dtype)), is_causal=causal))
     rows.append(row)
     print(format_row(row), flush=True)
+    on_row(row)
   return rows
 
 
@@ -254,11 +256,16 @@ def gpt_long(tokens: int) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Reporting.
 
-def plot(rows, path):
+def plot(rows, path, device=None):
+  """Causal forward+backward of the first head_dim, float32 if measured (else the first dtype):
+  time and memory against length. `device`: the title's (default: this machine's)."""
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
-  selected = [r for r in rows if r['dtype'] == 'float32' and r['mode'] == 'fwd+bwd'
+  if not rows:
+    return
+  dtype = 'float32' if any(r['dtype'] == 'float32' for r in rows) else rows[0]['dtype']
+  selected = [r for r in rows if r['dtype'] == dtype and r['mode'] == 'fwd+bwd'
               and r['causal'] and r['head_dim'] == rows[0]['head_dim']]
   if not selected:
     return
@@ -281,13 +288,17 @@ def plot(rows, path):
     ax.grid(True, which='both', alpha=0.3)
     ax.legend(fontsize=8)
   h = selected[0]['head_dim']
-  fig.suptitle(f'causal attention forward+backward, float32, B=1, N=8, H={h} ({device_name()})')
+  fig.suptitle(f'causal attention forward+backward, {dtype}, B=1, N=8, H={h} '
+               f'({device or device_name()})')
   fig.tight_layout()
   fig.savefig(path, dpi=110)
 
 
-def markdown_table(rows, dtype='float32', mode='fwd+bwd', causal=True) -> str:
-  """The README's table: ms per call and the ratio of torch's time to ours (>1: we are faster)."""
+def markdown_table(rows, dtype=None, mode='fwd+bwd', causal=True) -> str:
+  """The README's table: ms per call and the ratio of torch's time to ours (>1: we are faster).
+  `dtype` None: float32 if measured, else the first dtype."""
+  if dtype is None and rows:
+    dtype = 'float32' if any(r['dtype'] == 'float32' for r in rows) else rows[0]['dtype']
   selected = [r for r in rows if r['dtype'] == dtype and r['mode'] == mode
               and r['causal'] == causal]
   names = [n for n in dict.fromkeys(n for r in selected for n in r['backends'])]
@@ -332,21 +343,27 @@ def main(argv=None):
   head_dims = args.head_dims or ([64, 128] if jax.default_backend() == 'gpu' else [64])
   torch_info = torch_sdpa()
   torch_setup, torch_label = torch_info if torch_info else (None, None)
+  out = args.out or RESULTS / f'attention-{device_name()}.json'
+  out.parent.mkdir(parents=True, exist_ok=True)
   rows = []
+
+  def write(**extra):  # after every length too, so that a run cut short keeps what it measured
+    result = {'config': vars(args) | {'out': None}, 'versions': versions(torch_label),
+              'rows': rows, 'blockwise_faster_from': crossovers(rows), **extra}
+    out.write_text(json.dumps(result, indent=1, default=str))
+    return result
+
   for h in head_dims:
     for dtype in args.dtypes:
       for mode in args.modes:
         for causal in args.causal:
-          rows += benchmark_series(args, h, dtype, mode, causal == 'causal', torch_setup)
-  result = {'config': vars(args) | {'out': None}, 'versions': versions(torch_label),
-            'rows': rows, 'blockwise_faster_from': crossovers(rows)}
+          benchmark_series(args, h, dtype, mode, causal == 'causal', torch_setup,
+                           on_row=lambda row: (rows.append(row), write(complete=False)))
+  result = write(complete=True)
   print('blockwise beats xla from length:', json.dumps(result['blockwise_faster_from']))
   if jax.default_backend() == 'cpu' or max(args.lengths) >= 32768:
-    result['gpt_32k'] = gpt_long(32768)
+    result = write(complete=True, gpt_32k=gpt_long(32768))
     print('GPT fwd+bwd at 32768 tokens:', json.dumps(result['gpt_32k']))
-  out = args.out or RESULTS / f'attention-{device_name()}.json'
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(result, indent=1, default=str))
   plot(rows, out.with_suffix('.png'))
   print(markdown_table(rows))
   print(f'wrote {out} and {out.with_suffix(".png")}')

@@ -2,6 +2,7 @@
 
     python -m benchmarks.train_step [--model gpt|transformer] [--preset NAME] [--seq-len T]
         [--batch B] [--dtype float32|bfloat16] [--remat none|full|dots_saveable]
+        [--attention-impl xla|blockwise|cudnn|pallas]
         [--torch-compile | --no-torch-compile] [--steps 12] [--rounds-of 3] [--quick] [--out DIR]
 
 A step is forward + backward + AdamW, ours jitted with its state donated and timed until the
@@ -12,11 +13,13 @@ CPU (3+3 layers, D=256, F=1024, S=T=64, B=16, V=1000), loss over every target to
 stack-final LayerNorms are removed (ours has none under post-norm), other differences, none in
 parameters or FLOPs, are listed in torch_peers.
 `--dtype bfloat16`: bf16 compute, float32 weights and loss (the peer under `torch.autocast`);
-`--remat`: our config's policy, mirrored by torch checkpointing; `--preset`: e.g. gpt2-small.
+`--remat`: our config's policy, mirrored by torch checkpointing; `--preset`: e.g. gpt2-small;
+`--attention-impl`: our config's attention backend (default: chosen per call, see `explain`).
 MFU = model FLOPs (`flops_per_token`, `transformer_flops_per_step`; recomputation not counted) per
 second over the published dense peak of a GPU in `PUBLISHED_PEAKS`, else over the best matmul
 measured in the run's dtype. On GPU the peer runs on cuda under `torch.compile`.
-Writes results/train_step[-transformer][-PRESET][-bfloat16][-remat-P]-<device>.json and .png.
+Writes results/train_step[-transformer][-PRESET][-bfloat16][-remat-P][-attention-I]-<device>.json
+and .png.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import optax
 
 from benchmarks.attention import device_name, versions
 from flaxformer_lite import GPT, PRESETS, Transformer, TransformerConfig
+from flaxformer_lite.config import ATTENTION_IMPLS
 
 RESULTS = pathlib.Path(__file__).parent / 'results'
 SHAPES = {  # n_layer: decoder layers (gpt); encoder layers = decoder layers (transformer)
@@ -69,6 +73,9 @@ def parse_args(argv=None):
   p.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32',
                  help='compute dtype; parameters stay float32')
   p.add_argument('--remat', choices=('none', 'full', 'dots_saveable'), default='none')
+  p.add_argument('--attention-impl', choices=[i for i in ATTENTION_IMPLS if i], default=None,
+                 help="our attention backend (default: chosen per call, e.g. 'cudnn' for "
+                      'bfloat16 on an NVIDIA GPU)')
   p.add_argument('--torch-compile', action=argparse.BooleanOptionalAction, default=None,
                  help='torch.compile the peer (default: on when it runs on cuda)')
   p.add_argument('--steps', type=int, default=None,
@@ -99,9 +106,11 @@ def bench_shape(args) -> dict:
   return shape
 
 
-def model_config(shape: dict, dtype='float32', remat='none') -> TransformerConfig:
+def model_config(shape: dict, dtype='float32', remat='none',
+                 attention_impl=None) -> TransformerConfig:
   """Our config for `shape` (dropout 0; compute `dtype`, float32 parameters)."""
-  common = dict(dropout_rate=0.0, dtype=jnp.dtype(dtype), param_dtype=jnp.float32, remat=remat)
+  common = dict(dropout_rate=0.0, dtype=jnp.dtype(dtype), param_dtype=jnp.float32, remat=remat,
+                attention_impl=attention_impl)
   max_len = max(shape['seq_len'], shape.get('src_len', 0))
   if shape.get('preset'):
     cfg = TransformerConfig.preset(shape['preset'], **common)
@@ -297,9 +306,9 @@ def time_in_turns(runs: dict, steps: int, warmup: int, rounds_of: int) -> tuple:
 
 
 def measure(shape: dict, steps: int, warmup: int = 2, rounds_of: int = 3, *, dtype='float32',
-            remat='none', torch_compile=None) -> dict:
+            remat='none', torch_compile=None, attention_impl=None) -> dict:
   """Ours and the peer, timed in turns. -> name -> result dict (tokens/s are target tokens)."""
-  cfg = model_config(shape, dtype, remat)
+  cfg = model_config(shape, dtype, remat, attention_impl)
   trainers = {'ours (jax)': jax_trainer(cfg, shape)}
   peer = torch_trainer(cfg, shape, torch_compile)
   if peer:
@@ -375,10 +384,12 @@ def plot(results: dict, title: str, path) -> None:
 
 
 def output_path(args, directory: pathlib.Path) -> pathlib.Path:
-  """train_step[-transformer][-preset][-bfloat16][-remat-P]-<device>[-quick].json (options left
-  at their defaults are not named: the default GPT run writes train_step-<device>.json)."""
+  """train_step[-transformer][-preset][-bfloat16][-remat-P][-attention-I]-<device>[-quick].json
+  (options left at their defaults are not named: the default GPT run writes
+  train_step-<device>.json)."""
   parts = [args.model == 'transformer' and 'transformer', args.preset,
            args.dtype != 'float32' and args.dtype, args.remat != 'none' and f'remat-{args.remat}',
+           args.attention_impl and f'attention-{args.attention_impl}',
            device_name(), args.quick and 'quick']
   return directory / ('-'.join(['train_step'] + [p for p in parts if p]) + '.json')
 
@@ -412,13 +423,14 @@ def main(argv=None):
   # (read when JAX first starts its backend, just below).
   os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
   shape = bench_shape(args)
-  cfg = model_config(shape, args.dtype, args.remat)
+  cfg = model_config(shape, args.dtype, args.remat, args.attention_impl)
   steps = args.steps or (2 if args.quick else 12)
   gpu = jax.devices()[0].platform == 'gpu'
   n = 512 if args.quick else 8192 if gpu else 2048  # the peak's matmul size
   before = peak_gflops(n, args.dtype)
   results = measure(shape, steps, 1 if args.quick else args.warmup, args.rounds_of,
-                    dtype=args.dtype, remat=args.remat, torch_compile=args.torch_compile)
+                    dtype=args.dtype, remat=args.remat, torch_compile=args.torch_compile,
+                    attention_impl=args.attention_impl)
   peak = peak_for_run(args.dtype, n, before)
   flops = model_flops(cfg, shape)
   add_mfu(results, flops['flops_per_step'], peak['gflops'])

@@ -131,9 +131,70 @@ def _length_mask(query_seq_lengths, key_value_seq_lengths, q_len, kv_len):
   return combine_masks(q_valid, kv_valid)
 
 
-def _cudnn_attention(query, key, value, *, dropout_rate, dropout_rng, mask, **kwargs):
-  del dropout_rate, dropout_rng, mask  # refused by why_not_cudnn
-  return fused.cudnn_attention(query, key, value, **kwargs)
+def _key_valid(mask, batch, kv_len):
+  """`[B, S]` from a key mask broadcastable to `[B, 1, 1, S]`."""
+  mask = jnp.reshape(mask, (1,) * (4 - jnp.ndim(mask)) + jnp.shape(mask))
+  return jnp.broadcast_to(mask[:, 0, 0, :], (batch, kv_len))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _cudnn_xla_gradients(query, key, value, bias, query_seq_lengths, key_value_seq_lengths,
+                         is_causal):
+  """cuDNN with a bias, differentiated as 'xla': jax.nn's cuDNN attention returns a bias
+  gradient of ~0 (measured on an H200: jax 0.11.2, cuDNN 9.19; its dq, dk, dv are right)."""
+  return fused.cudnn_attention(query, key, value, bias=bias, is_causal=is_causal,
+                               query_seq_lengths=query_seq_lengths,
+                               key_value_seq_lengths=key_value_seq_lengths)
+
+
+def _cudnn_xla_gradients_fwd(query, key, value, bias, q_lengths, kv_lengths, is_causal):
+  out = _cudnn_xla_gradients(query, key, value, bias, q_lengths, kv_lengths, is_causal)
+  return out, (query, key, value, bias, q_lengths, kv_lengths)
+
+
+def _cudnn_xla_gradients_bwd(is_causal, residuals, d_out):
+  query, key, value, bias, q_lengths, kv_lengths = residuals
+  reference = lambda q, k, v, b: _xla_attention(
+      q, k, v, bias=b, is_causal=is_causal, query_seq_lengths=q_lengths,
+      key_value_seq_lengths=kv_lengths).astype(q.dtype)
+  return (*jax.vjp(reference, query, key, value, bias)[1](d_out), None, None)
+
+
+_cudnn_xla_gradients.defvjp(_cudnn_xla_gradients_fwd, _cudnn_xla_gradients_bwd)
+
+
+def _cudnn_call(query, key, value, *, bias, is_causal, query_seq_lengths, key_value_seq_lengths):
+  if bias is None:
+    return fused.cudnn_attention(query, key, value, is_causal=is_causal,
+                                 query_seq_lengths=query_seq_lengths,
+                                 key_value_seq_lengths=key_value_seq_lengths)
+  as_array = lambda x: None if x is None else jnp.asarray(x, jnp.int32)
+  return _cudnn_xla_gradients(query, key, value, bias, as_array(query_seq_lengths),
+                              as_array(key_value_seq_lengths), bool(is_causal))
+
+
+def _cudnn_attention(query, key, value, *, dropout_rate, dropout_rng, mask, bias=None,
+                     is_causal=False, query_seq_lengths=None, key_value_seq_lengths=None):
+  """cuDNN; a key mask (`_as_key_lengths`) becomes key_value_seq_lengths when every row of it
+  is right-padded (checked on the device), else the call runs on 'blockwise'. With a bias the
+  gradients come from 'xla' (`_cudnn_xla_gradients`)."""
+  del dropout_rate, dropout_rng  # dropout is refused by why_not_cudnn
+  options = dict(bias=bias, is_causal=is_causal, query_seq_lengths=query_seq_lengths)
+  if mask is None:
+    return _cudnn_call(query, key, value, key_value_seq_lengths=key_value_seq_lengths,
+                       **options)
+  b, s = query.shape[0], key.shape[1]
+  valid = _key_valid(mask, b, s)
+  if key_value_seq_lengths is not None:
+    valid &= jnp.arange(s)[None, :] < jnp.asarray(key_value_seq_lengths)[:, None]
+  lengths = valid.sum(axis=-1, dtype=jnp.int32)
+  right_padded = jnp.all(valid == (jnp.arange(s)[None, :] < lengths[:, None]))
+  on_cudnn = lambda: _cudnn_call(query, key, value, key_value_seq_lengths=lengths, **options)
+  # The fallback keeps O(T) residuals: under grad, lax.cond stores both branches' residuals.
+  on_blockwise = lambda: blockwise.blockwise_attention(
+      query, key, value, mask=mask, key_value_seq_lengths=key_value_seq_lengths,
+      **options).astype(query.dtype)
+  return jax.lax.cond(right_padded, on_cudnn, on_blockwise)
 
 
 def _pallas_attention(query, key, value, *, is_causal, **unused):
@@ -151,7 +212,11 @@ IMPLEMENTATIONS = {
 
 # Where `implementation=None` switches from 'xla' to 'blockwise': query length x key length, per
 # platform. CPU: measured by `python -m benchmarks.attention` (results/attention-cpu.json).
-# GPU/TPU: not measured here yet; chosen so that xla's float32 `[B, N, T, S]` logits stay small.
+# GPU: measured on an H200 (results/attention-h200.json, gpu_check-h200.log; causal fwd+bwd,
+# B=1, N=8, H=64): blockwise never beats xla by much (1024-tiles, bfloat16: on par at T=1024,
+# 1.2x slower at 4096 and 16384; 128-tiles 6-22x slower), so the switch is for memory and stays
+# where xla's float32 `[B, N, T, S]` arrays reach 16 MiB per batch row and head. TPU: not
+# measured.
 BLOCKWISE_FROM = {'cpu': 128 * 128, 'gpu': 2048 * 2048, 'tpu': 2048 * 2048}
 
 
@@ -183,6 +248,27 @@ class Choice:
     return f'{self.implementation}: {self.reason}'
 
 
+def _as_key_lengths(call: AttentionCall) -> AttentionCall | None:
+  """`call` with its mask given as key_value_seq_lengths, when the mask is a key mask (it
+  broadcasts to `[B, 1, 1, S]`: padding, which is how the models pass it); else None."""
+  if call.mask_shape is None:
+    return None
+  shape = (1,) * (4 - len(call.mask_shape)) + tuple(call.mask_shape)
+  if shape[1:3] != (1, 1):
+    return None
+  return dataclasses.replace(call, mask_shape=None, seq_lengths=True)
+
+
+def _cudnn_with_key_mask(call: AttentionCall) -> bool:
+  """cuDNN refuses boolean masks, but takes a key mask as lengths where it is right-padded."""
+  as_lengths = _as_key_lengths(call)
+  return as_lengths is not None and fused.why_not_cudnn(as_lengths) is None
+
+
+KEY_MASK_NOTE = ('the key mask as key_value_seq_lengths where every row is right-padded '
+                 '(checked on the device), else blockwise')
+
+
 def explain(query, key, *, bias=None, mask=None, is_causal=False, dropout_rate=0.0,
             query_seq_lengths=None, key_value_seq_lengths=None, implementation=None) -> Choice:
   """Which backend `dot_product_attention` would use for these arguments, and the reason.
@@ -202,6 +288,8 @@ def explain(query, key, *, bias=None, mask=None, is_causal=False, dropout_rate=0
       raise ValueError(f'implementation={implementation!r} is not one of '
                        f'{[None, *IMPLEMENTATIONS]}')
     reason = IMPLEMENTATIONS[implementation][1](call)
+    if reason is not None and implementation == 'cudnn' and _cudnn_with_key_mask(call):
+      return Choice(implementation, f'asked for by name; {KEY_MASK_NOTE}')
     if reason is not None:
       raise ValueError(f'implementation={implementation!r} cannot compute this call: {reason}')
     return Choice(implementation, 'asked for by name')
@@ -213,6 +301,8 @@ def _choose(call: AttentionCall) -> Choice:
                     ('pallas', 'the Pallas flash-attention kernel: fused, O(T) memory')):
     if IMPLEMENTATIONS[name][1](call) is None:
       return Choice(name, why)
+    if name == 'cudnn' and _cudnn_with_key_mask(call):
+      return Choice(name, f'{why}; {KEY_MASK_NOTE}')
   threshold = BLOCKWISE_FROM.get(call.platform, BLOCKWISE_FROM['gpu'])
   size = f'q_len x kv_len = {call.q_len} x {call.kv_len}'
   if call.q_len * call.kv_len >= threshold:
@@ -238,8 +328,9 @@ def dot_product_attention(query, key, value, *, bias=None, mask=None, is_causal=
     mask: boolean, broadcastable to `[B, N, T, S]`, True = may attend.
     is_causal: also apply `make_causal_mask(T, S)` (query i sees keys j <= i).
     implementation: None (the best for the platform and the call: see `explain`), 'xla' (the
-      reference), 'blockwise' (memory-efficient, any platform), 'cudnn' (NVIDIA GPUs),
-      'pallas' (GPU and TPU kernels).
+      reference), 'blockwise' (memory-efficient, any platform), 'cudnn' (NVIDIA GPUs; a key
+      mask `[B, 1, 1, S]`, the models' padding, runs on it as key lengths when every row is
+      right-padded, else on 'blockwise', decided on the device), 'pallas' (GPU and TPU kernels).
     dropout_rate, dropout_rng: attention dropout on the weights (training only).
     query_seq_lengths, key_value_seq_lengths: int `[B]`; positions at or past them are padding
       (as in `jax.nn.dot_product_attention`).

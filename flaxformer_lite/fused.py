@@ -21,17 +21,20 @@ import jax.numpy as jnp
 # Lengths the Pallas kernels tile by; a length must be a multiple (or shorter than one tile).
 PALLAS_BLOCK = 128
 _HALF_FLOATS = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+# What a -inf bias becomes for cuDNN: jax.nn's own stand-ins for a masked key.
+_LARGE_NEGATIVE = {jnp.dtype(jnp.bfloat16): -2.0**41, jnp.dtype(jnp.float16): -2.0**15}
 
 
 def _cuda_capability() -> tuple[int, ...] | None:
-  """(major, minor) of the first GPU when JAX computes on an NVIDIA GPU, else None."""
+  """(major, minor) of the first GPU when JAX computes on an NVIDIA GPU, else None (ROCm reports
+  architecture names such as 'gfx90a', which are not numbers)."""
   if jax.default_backend() != 'gpu':
     return None
-  device = jax.devices()[0]
-  capability = getattr(device, 'compute_capability', None)
-  if capability is None or 'cuda' not in str(getattr(device.client, 'platform_version', '')):
+  capability = getattr(jax.devices()[0], 'compute_capability', None)
+  try:
+    return tuple(int(x) for x in str(capability).split('.'))
+  except ValueError:
     return None
-  return tuple(int(x) for x in str(capability).split('.'))
 
 
 def why_not_cudnn(call) -> str | None:
@@ -52,6 +55,8 @@ def why_not_cudnn(call) -> str | None:
   max_head_dim = 256 if capability >= (9, 0) else 128
   if call.head_dim % 8 or call.head_dim > max_head_dim:
     return f'head_dim={call.head_dim} must be a multiple of 8 and at most {max_head_dim}'
+  # With a bias, jax.nn's cuDNN call returns a wrong (~0) bias gradient: attention.py takes the
+  # gradients of such calls from 'xla' (`_cudnn_xla_gradients`).
   if call.bias_shape is not None and (call.q_len % 2 or call.kv_len % 2):
     return f'with a bias cuDNN needs even lengths, got q_len={call.q_len}, kv_len={call.kv_len}'
   return None
@@ -59,21 +64,46 @@ def why_not_cudnn(call) -> str | None:
 
 def cudnn_attention(query, key, value, *, bias=None, is_causal=False, query_seq_lengths=None,
                     key_value_seq_lengths=None):
-  """cuDNN flash attention; padded query rows and rows with no key are zeros, as in `'xla'`."""
+  """cuDNN flash attention; padded query rows and rows with no key are zeros, as in `'xla'`.
+
+  A bias may broadcast over any dimension: cuDNN takes `[B|1, N|1, T, S]` only (a `[B, 1, 1, S]`
+  bias raises 'Bias must have same seq length as QKV'), so it gets that shape here (its gradient
+  flows back to the bias as passed). A -inf in the bias masks that key, as in `'xla'`: cuDNN
+  gets the large finite number jax.nn gives it for a masked key instead, and a row left with
+  nothing to attend to gives zeros.
+  """
+  b, t, n, _ = query.shape
+  s = key.shape[1]
   lengths = {}
   if query_seq_lengths is not None:
     lengths['query_seq_lengths'] = jnp.asarray(query_seq_lengths, jnp.int32)
   if key_value_seq_lengths is not None:
     lengths['key_value_seq_lengths'] = jnp.asarray(key_value_seq_lengths, jnp.int32)
+  alive = None  # [B|1, N|1, T, 1]: query rows the bias leaves something to attend to
+  if bias is not None:
+    bias = jnp.reshape(bias, (1,) * (4 - jnp.ndim(bias)) + jnp.shape(bias))
+    bias = jnp.broadcast_to(bias, bias.shape[:2] + (t, s))
+    allowed = allowed_by_bias = bias > -jnp.inf
+    if is_causal:
+      allowed &= jnp.tril(jnp.ones((t, s), bool))
+    if key_value_seq_lengths is not None:
+      kv_valid = jnp.arange(s)[None, :] < lengths['key_value_seq_lengths'][:, None]
+      allowed &= kv_valid[:, None, None, :]
+    alive = allowed.any(-1, keepdims=True)
+    bias = jnp.where(allowed_by_bias, bias, _LARGE_NEGATIVE[jnp.dtype(query.dtype)])
   out = jax.nn.dot_product_attention(query, key, value, bias=bias, is_causal=is_causal,
                                      implementation='cudnn', **lengths)
-  b, t = query.shape[:2]
-  valid = jnp.ones((b, t), bool)
+  valid = jnp.ones((b, 1, t, 1), bool)  # [B, 1, T, 1], as the bias
   if query_seq_lengths is not None:
-    valid &= jnp.arange(t)[None, :] < lengths['query_seq_lengths'][:, None]
+    valid &= (jnp.arange(t)[None, :] < lengths['query_seq_lengths'][:, None])[:, None, :, None]
   if key_value_seq_lengths is not None:
-    valid &= (lengths['key_value_seq_lengths'] > 0)[:, None]
-  return jnp.where(valid[:, :, None, None], out, 0) if lengths else out
+    valid &= (lengths['key_value_seq_lengths'] > 0)[:, None, None, None]
+  if alive is not None:
+    valid = valid & alive
+  if not lengths and alive is None:
+    return out
+  valid = jnp.broadcast_to(valid, (b, n, t, 1)).transpose(0, 2, 1, 3)  # [B, T, N, 1]
+  return jnp.where(valid, out, jnp.zeros((), out.dtype))
 
 
 def _pallas_kernel(platform):
@@ -106,22 +136,41 @@ def why_not_pallas(call) -> str | None:
   return None
 
 
+def _tile_length(n: int) -> int:
+  """The length the Pallas GPU kernel runs `n` at: Triton's tiles are powers of two of at least
+  16 (its smallest matmul), so a length under one tile that is not one is padded up."""
+  if n >= PALLAS_BLOCK or (n >= 16 and n & (n - 1) == 0):
+    return n
+  return max(16, 1 << (n - 1).bit_length())
+
+
 def pallas_attention(query, key, value, *, is_causal=False, platform=None, interpret=False):
   """`[B, T, N, H]` attention through the Pallas kernel of `platform` ('gpu' or 'tpu'; default:
-  JAX's backend). `interpret=True` runs it on any backend, for tests."""
+  JAX's backend). `interpret=True` runs it on any backend, for tests.
+
+  On GPUs a length shorter than one tile is padded to a power of two (the padded keys kept out
+  by segment ids; the Triton lowering refuses other sizes) and a head_dim under 16 with zeros.
+  """
   platform = platform or jax.default_backend()
   if platform == 'tpu':
     return _splash(query, key, value, is_causal=is_causal, interpret=interpret)
   from jax.experimental.pallas.ops.gpu import attention as gpu_attention
-  t, s = query.shape[1], key.shape[1]
-  bq, bk = min(PALLAS_BLOCK, t), min(PALLAS_BLOCK, s)
+  b, t, _, h = query.shape
+  s = key.shape[1]
+  tp, sp, hp = _tile_length(t), _tile_length(s), max(h, 16)
+  pad = lambda x, length: jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, hp - h)))
+  q, k, v = pad(query, tp), pad(key, sp), pad(value, sp)
+  segment_ids = None
+  if (tp, sp) != (t, s):  # why_not_pallas: t == s on GPUs
+    segment_ids = jnp.broadcast_to((jnp.arange(tp) < t).astype(jnp.int32), (b, tp))
+  bq, bk = min(PALLAS_BLOCK, tp), min(PALLAS_BLOCK, sp)
   # The backward tiles stay at the kernel's defaults (32), cut to the lengths.
-  bwd_q, bwd_k = min(32, t), min(32, s)
+  bwd_q, bwd_k = min(32, tp), min(32, sp)
   blocks = gpu_attention.BlockSizes(block_q=bq, block_k=bk, block_q_dkv=bwd_q, block_kv_dkv=bwd_k,
                                     block_q_dq=bwd_q, block_kv_dq=bwd_k)
-  return gpu_attention.mha(query, key, value, segment_ids=None,
-                           sm_scale=1.0 / math.sqrt(query.shape[-1]), causal=is_causal,
-                           block_sizes=blocks, interpret=interpret)
+  out = gpu_attention.mha(q, k, v, segment_ids=segment_ids, sm_scale=1.0 / math.sqrt(h),
+                          causal=is_causal, block_sizes=blocks, interpret=interpret)
+  return out[:, :t, :, :h]
 
 
 def _splash(query, key, value, *, is_causal, interpret):
