@@ -11,6 +11,7 @@ import concurrent.futures
 import json
 import pathlib
 import signal
+import tempfile
 from types import SimpleNamespace
 
 import jax
@@ -52,6 +53,7 @@ def squad_json(n_contexts: int = 12) -> dict:
 # units
 
 def _task(**run) -> task_qa.QATask:
+  run.setdefault('workdir', tempfile.mkdtemp())  # the tokenizer is trained into the workdir
   task = task_qa.QATask(RunConfig(task='qa', **run))
   task.prepare()
   return task
@@ -60,7 +62,7 @@ def _task(**run) -> task_qa.QATask:
 def test_forward_loss_is_mean_of_start_and_end_cross_entropy(tmp_path):
   path = tmp_path / 'squad.json'
   path.write_text(json.dumps(squad_json()))
-  task = _task(data=str(path), seq_len=48)
+  task = _task(data=str(path), seq_len=48, vocab_size=64)
   model = BertEncoder(task.config('tiny'))
   batch = task.eval_batches(4)[0]
   assert batch['tokens'].shape == (4, 48) and batch['start'].shape == (4,)
@@ -116,7 +118,8 @@ def _resume_runs(root: pathlib.Path) -> dict:
   final, then rerun to the end. Both on a SQuAD JSON file."""
   path = root / 'squad.json'
   path.write_text(json.dumps(squad_json()))
-  args = [*OPTS, '--data', path, '--seq-len', '48', '--doc-stride', '16']
+  # A few paragraphs hold too few words for the default 2000 word pieces.
+  args = [*OPTS, '--data', path, '--seq-len', '48', '--doc-stride', '16', '--vocab-size', '64']
   a = Background([*args, '--workdir', root / 'A'], root / 'logs', 'A')
   b = Background([*args, '--workdir', root / 'B'], root / 'logs', 'B1')
   caught = b.wait_for(lambda: max_logged_step(root / 'B') >= 6

@@ -202,7 +202,7 @@ def test_task_splits_and_lengths(tmp_path, files):
   from train.task_summarize import BYTE_LENGTHS, SummarizeTask
   assert tasks.task_class('summarize') is SummarizeTask
   task = SummarizeTask(RunConfig(task='summarize', data=str(files / 'pairs.jsonl'),
-                                 workdir=str(tmp_path)))
+                                 workdir=str(tmp_path), tokenizer='byte'))
   task.prepare()
   assert (task.src_len, task.tgt_len) == BYTE_LENGTHS
   assert len(task._train) == 36 and len(task.eval_pairs()) == 4  # every 10th held out
@@ -234,7 +234,8 @@ def test_generate_summarizes_as_the_evaluation_does(default, capsys):
   lengths, --beam-size 2 from the run) and the checkpoint's params."""
   from train import generate as generate_cli
   from train.config import RunConfig
-  from train.task_summarize import SummarizeTask
+  from train import data
+  from train.task_summarize import PIECE_LENGTHS, SummarizeTask
   _ok(default['a'])
   workdir = str(default['a_dir'])
   result = call_generate(capsys, '--workdir', workdir, '--input', DOCUMENTS[0],
@@ -242,6 +243,9 @@ def test_generate_summarizes_as_the_evaluation_does(default, capsys):
   assert result.returncode == 0, result.stderr
   gen = generate_cli.load(workdir)
   task = SummarizeTask(RunConfig(task='summarize', beam_size=2))
+  task.tokenizer = gen.tokenizer  # the run's own (SentencePiece by default), read from its workdir
+  if not isinstance(gen.tokenizer, data.ByteTokenizer):
+    task.src_len, task.tgt_len = PIECE_LENGTHS
   expected = task.summarize(gen.model, gen.params, DOCUMENTS)
   assert result.stdout == ''.join(f'{summary}\n' for summary in expected)  # may hold newlines
 

@@ -4,13 +4,14 @@ Data (train/summarize_data.py): by default the Python standard library's functio
 summarized by the first sentence of its docstring, evaluation holding out whole modules; with
 `--data` a TSV (`document<TAB>summary`) or JSON Lines file, every 10th pair held out.
 
-Lengths, in tokens (bytes with the default byte tokenizer):
+Tokens: a SentencePiece model trained on the training pairs by default; on the default data the
+tiny model's held-out ROUGE-L reached 17.3 / 19.9 / 18.2 at steps 1000 / 1500 / 2000 with it
+and 14.5 at step 1200 with bytes (--tokenizer byte). Lengths, in tokens: 128 source and 48
+target tokens with SentencePiece or a checkpoint's tokenizer (a few bytes a token); with bytes:
   source  256 bytes: about 65% of the default documents (median 166 bytes) fit whole; longer
           ones are cut at the end, which keeps the `def` line and the start of the body.
   target   96 bytes with eos: about 94% of the summaries (median 49 bytes) fit whole; longer
           ones are cut (the labels still end with eos).
-With a SentencePiece or a checkpoint's tokenizer (a few bytes a token) the lengths are 128 and
-48 tokens.
 
 Evaluation: the held-out loss on every held-out pair, and ROUGE-1/2/L F1 (train.scoring.rouge)
 of beam-search summaries (`--beam-size` beams, up to the target length, length penalty 1.0, no
