@@ -39,6 +39,7 @@ def test_steps_run_counts_columns_until_every_row_ends():
 def test_measure_quick_runs_every_peer_to_the_full_length():
   """A quick run measures every row and peer, each making all its new tokens (transformers is
   made never to stop early). Timings are not asserted: they are the benchmark's output."""
+  pytest.importorskip('torch')  # transformers imports without torch, but its models need it
   pytest.importorskip('transformers')
   setup = dict(gpt=TINY, transformer=TINY, prompt_len=8, new_tokens=4, uncached_new=2,
                batches=(2,), source_lens=(8, 16), beam=dict(beams=2, batches=(1,), new_tokens=3))
