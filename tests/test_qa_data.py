@@ -5,6 +5,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -79,9 +80,9 @@ def tokenizers_by_kind(tmp_path_factory):
           'word-pieces (ours)': squad.offset_tokenizer(ours)}
 
 
-def _windows(example, tokenize, max_len=96, doc_stride=16):
+def _windows(example, tokenize, max_len=96, doc_stride=16, **kw):
   return squad.windows(example, tokenize, max_len=max_len, doc_stride=doc_stride,
-                       max_question_len=24, cls_id=CLS, sep_id=SEP, pad_id=PAD)
+                       max_question_len=24, cls_id=CLS, sep_id=SEP, pad_id=PAD, **kw)
 
 
 def _answer_text(window):
@@ -159,6 +160,39 @@ def test_window_answers_map_back_to_the_exact_characters(tmp_path, tokenizers_by
       else:
         assert w.end == 0
     assert found >= 1, (kind, ex.id)
+
+
+def test_question_words_are_whole_words_of_the_question_case_kept():
+  question = 'What is the default value of `timeout` in `socket.create_connection`?'
+  context = ('socket.create_connection(address, timeout=None, Timeout=1)\n'
+             'Connect to *address* with a timeout; see socket.create_connection_ex.')
+  marked = squad.question_word_chars(question, context)
+  words = [m.group() for m in re.finditer(r'\w+', context) if marked[m.start()]]
+  assert words == ['socket', 'create_connection', 'timeout', 'timeout', 'socket']
+  # Every character of a marked word is marked, and nothing else is.
+  assert marked.sum() == sum(len(w) for w in words)
+  assert squad.question_word_chars('', context).sum() == 0
+  assert squad.question_word_chars(question, '').shape == (0,)
+
+
+@pytest.mark.parametrize('kind', ['bytes', 'sentencepiece', 'wordpiece', 'word-pieces (ours)'])
+def test_windows_mark_the_context_tokens_of_question_words(tokenizers_by_kind, kind):
+  tokenize = tokenizers_by_kind[kind]
+  ex = squad.Example('q', 'When did Anna Keller open the café?', CONTEXT_1,
+                     (squad.Answer('1896', CONTEXT_1.index('1896')),))
+  marked = squad.question_word_chars(ex.question, ex.context)
+  plain = _windows(ex, tokenize, max_len=64, doc_stride=16)
+  ws = _windows(ex, tokenize, max_len=64, doc_stride=16, question_words=True)
+  assert len(ws) == len(plain) > 1
+  n_marked = 0
+  for w, p in zip(ws, plain):
+    assert np.array_equal(w.tokens, p.tokens) and (w.start, w.end) == (p.start, p.end)
+    context = np.flatnonzero(p.token_types == 1)[:-1]  # the chunk, without its [SEP]
+    expected = np.where(marked[w.offsets[context, 0]], squad.QUESTION_WORD, 1)
+    assert np.array_equal(w.token_types[context], expected)
+    assert np.array_equal(np.delete(w.token_types, context), np.delete(p.token_types, context))
+    n_marked += int((expected == squad.QUESTION_WORD).sum())
+  assert n_marked >= 3  # Anna, Keller, the ... in some window
 
 
 def test_an_answer_split_across_windows_points_at_cls_where_it_is_not_whole():

@@ -77,7 +77,11 @@ def test_forward_loss_is_mean_of_start_and_end_cross_entropy(tmp_path):
   np.testing.assert_allclose(got, expected, rtol=1e-6)
   # Every gold span lies in its window's context (or is [CLS] when the answer is elsewhere).
   for s, e, types in zip(batch['start'], batch['end'], batch['token_types']):
-    assert (s == e == 0) or (types[s] == 1 and types[e] == 1 and s <= e)
+    assert (s == e == 0) or (types[s] >= 1 and types[e] >= 1 and s <= e)
+  # A model from scratch reads the question's words in the context as a third token type.
+  assert task.question_words and model.config.type_vocab_size == squad.QUESTION_WORD + 1
+  assert not task_qa.reads_question_words(TransformerConfig.preset('bert-base'))  # a checkpoint
+  assert (batch['token_types'] == squad.QUESTION_WORD).any()
 
 
 def test_split_by_context_holds_out_every_tenth_paragraph(tmp_path):
@@ -213,8 +217,10 @@ def test_generate_prints_the_best_span_and_its_score(runs, capsys):
   assert result.returncode == 0, result.stderr
   gen = generate_cli.load(workdir)
   example = squad.Example('q', QUESTION, CONTEXT, (), is_impossible=True)
+  assert task_qa.reads_question_words(gen.model.config)  # as the run trained: marked words
   windows = task_qa.make_windows([example], gen.tokenizer, SpecialIds(),
-                                 seq_len=options['seq_len'], doc_stride=options['doc_stride'])
+                                 seq_len=options['seq_len'], doc_stride=options['doc_stride'],
+                                 question_words=True)
   assert len(windows) > 1  # the answer is searched in every window
   batch = squad.to_batch(windows)
   start, end = gen.model.apply({'params': gen.params}, batch['tokens'], batch['token_types'],

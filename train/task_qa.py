@@ -43,8 +43,16 @@ def special_ids(tokenizer, ids) -> tuple[int, int]:
   return ids.start, ids.eos
 
 
-def make_windows(examples, tokenizer, ids, *, seq_len: int, doc_stride: int) -> list:
-  """Every window of `examples`; the question is cut to half a window (BERT: 64 of 384)."""
+def reads_question_words(cfg) -> bool:
+  """Whether a model of `cfg` takes squad.QUESTION_WORD token types: ours from scratch do
+  (QATask.config gives them the third type); a BERT checkpoint's two types do not."""
+  return cfg.type_vocab_size > squad.QUESTION_WORD
+
+
+def make_windows(examples, tokenizer, ids, *, seq_len: int, doc_stride: int,
+                 question_words: bool = False) -> list:
+  """Every window of `examples`; the question is cut to half a window (BERT: 64 of 384).
+  `question_words`: context tokens of the question's words marked (squad.question_word_chars)."""
   # A context is asked about many times (the default data: ~10 questions a page): tokenized once.
   tokenize = functools.lru_cache(maxsize=None)(squad.offset_tokenizer(tokenizer))
   cls_id, sep_id = special_ids(tokenizer, ids)
@@ -52,7 +60,7 @@ def make_windows(examples, tokenizer, ids, *, seq_len: int, doc_stride: int) -> 
   for ex in examples:
     out += squad.windows(ex, tokenize, max_len=seq_len, doc_stride=doc_stride,
                          max_question_len=seq_len // 2, cls_id=cls_id, sep_id=sep_id,
-                         pad_id=ids.pad)
+                         pad_id=ids.pad, question_words=question_words)
   return out
 
 
@@ -94,7 +102,8 @@ def answer(model, params, tokenizer, question: str, context: str, *, seq_len: in
   """(answer span, its score: start + end logit) of one question about `context`
   (what `python -m train.generate --question Q --context C` prints)."""
   example = squad.Example('question', question, context, (), is_impossible=True)
-  windows = make_windows([example], tokenizer, ids, seq_len=seq_len, doc_stride=doc_stride)
+  windows = make_windows([example], tokenizer, ids, seq_len=seq_len, doc_stride=doc_stride,
+                         question_words=reads_question_words(model.config))
   start, end = span_logits(model, params, windows)
   return squad.predict(windows, start, end, max_answer_len=max_answer_len)
 
@@ -114,13 +123,19 @@ class QATask(Task):
   init_method = 'qa_logits'
   decodes_in_eval = True  # exact match and F1 at every evaluation
   attention_title = 'self-attention, last layer: question (rows) -> context (mean over heads)'
+  question_words = False  # True once config() builds a model that reads them (not a checkpoint)
 
   def config(self, preset, **overrides):
     # The from-scratch presets take rotary positions here: an answer is found by its offset
     # from a name the question quotes, which rotary attention scores see directly.
     if preset in ('tiny', 'small'):
       overrides.setdefault('positions', 'rotary')
-    return super().config(preset, **overrides)
+    # A model trained from scratch reads a third token type: the context's words that the
+    # question has (squad.question_word_chars says why).
+    overrides.setdefault('type_vocab_size', squad.QUESTION_WORD + 1)
+    cfg = super().config(preset, **overrides)
+    self.question_words = reads_question_words(cfg)
+    return cfg
 
   def prepare(self):
     if self.run.data is None:
@@ -144,7 +159,8 @@ class QATask(Task):
       try:
         self._windows[split] = make_windows(examples, self.tokenizer, self.ids,
                                             seq_len=self.run.seq_len,
-                                            doc_stride=self.run.doc_stride)
+                                            doc_stride=self.run.doc_stride,
+                                            question_words=self.question_words)
       except ValueError as e:  # a window too short for the question, a bad --doc-stride
         raise data.DataError(f'--seq-len {self.run.seq_len} / --doc-stride '
                              f'{self.run.doc_stride}: {e}') from None
@@ -207,7 +223,7 @@ class QATask(Task):
     maps = viz.collect_attention(state)
     weights = to_host(maps[list(maps)[-1]])[0].mean(axis=0)  # [T, T]
     n = int(w.valid.sum())
-    context = np.flatnonzero(w.token_types[:n] == 1)[:-1]  # without the final [SEP]
+    context = np.flatnonzero(w.token_types[:n] >= 1)[:-1]  # without the final [SEP]
     question = np.arange(1, context[0] - 1)  # between [CLS] and the first [SEP]
     label = lambda t: self.tokenizer.decode([int(t)]) or '?'
     return (weights[np.ix_(question, context)], [label(w.tokens[i]) for i in context],
