@@ -68,14 +68,14 @@ def test_help_shows_every_default_in_its_group():
                 '(default: per task (dates 128, text 128, mlm 128, translate 128, summarize 128, '
                 'qa 192, speech 128))',
                 '--steps STEPS total training steps (micro-batches) (default: per task (dates '
-                '3000, text 2000, mlm 2000, translate 5000, summarize 2000, qa 2000, speech '
+                '3000, text 2000, mlm 2000, translate 5000, summarize 2000, qa 1000, speech '
                 '3000))',
                 '(default: per task (dates 0.002, text 0.001, mlm 0.001, translate 0.001, '
                 'summarize 0.002, qa 0.001, speech 0.002))',
                 '(default: per task (dates 64, text 32, mlm 32, translate 64, summarize 32, '
                 'qa 32, speech 32))',
                 '(default: per task (dates 300, text 200, mlm 200, translate 500, summarize 200, '
-                'qa 300, speech 300))',
+                'qa 200, speech 300))',
                 '--schedule {rsqrt,cosine,constant}', '--no-progress hide the progress bar '
                 '(default: shown)', '--parallel {mesh,pmap}', '(default: every device on data)',
                 "override the preset's dropout rate (default: the preset's; 0 for qa's own preset)",

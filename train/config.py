@@ -31,10 +31,10 @@ TASK_DEFAULTS = {
     'text': dict(steps=2000, batch_size=32, learning_rate=1e-3, warmup=200),
     'mlm': dict(steps=2000, batch_size=32, learning_rate=1e-3, warmup=200),
     'summarize': dict(steps=2000, batch_size=32, learning_rate=2e-3, warmup=200),
-    # qa: tiny learns the generated questions to a held-out F1 of ~44 and stays there; small,
-    # without dropout (it underfits, it does not overfit), gets past that in fewer steps.
-    'qa': dict(preset='small', dropout=0.0, seq_len=192, steps=2000, batch_size=32,
-               learning_rate=1e-3, warmup=300, vocab_size=2000),
+    # qa: small without dropout (it underfits, it does not overfit); with the question's words
+    # marked in the context (train/squad.py) it passes held-out F1 90 by step ~500.
+    'qa': dict(preset='small', dropout=0.0, seq_len=192, steps=1000, batch_size=32,
+               learning_rate=1e-3, warmup=200, vocab_size=2000),
     'speech': dict(steps=3000, batch_size=32, learning_rate=2e-3, warmup=300),
 }
 # The --tokenizer values each task takes, its default first. word-pieces decodes with spaces at
