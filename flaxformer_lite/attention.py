@@ -131,72 +131,6 @@ def _length_mask(query_seq_lengths, key_value_seq_lengths, q_len, kv_len):
   return combine_masks(q_valid, kv_valid)
 
 
-def _key_valid(mask, batch, kv_len):
-  """`[B, S]` from a key mask broadcastable to `[B, 1, 1, S]`."""
-  mask = jnp.reshape(mask, (1,) * (4 - jnp.ndim(mask)) + jnp.shape(mask))
-  return jnp.broadcast_to(mask[:, 0, 0, :], (batch, kv_len))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _cudnn_xla_gradients(query, key, value, bias, query_seq_lengths, key_value_seq_lengths,
-                         is_causal):
-  """cuDNN with a bias, differentiated as 'xla': jax.nn's cuDNN attention returns a bias
-  gradient of ~0 (measured on an H200: jax 0.11.2, cuDNN 9.19; its dq, dk, dv are right)."""
-  return fused.cudnn_attention(query, key, value, bias=bias, is_causal=is_causal,
-                               query_seq_lengths=query_seq_lengths,
-                               key_value_seq_lengths=key_value_seq_lengths)
-
-
-def _cudnn_xla_gradients_fwd(query, key, value, bias, q_lengths, kv_lengths, is_causal):
-  out = _cudnn_xla_gradients(query, key, value, bias, q_lengths, kv_lengths, is_causal)
-  return out, (query, key, value, bias, q_lengths, kv_lengths)
-
-
-def _cudnn_xla_gradients_bwd(is_causal, residuals, d_out):
-  query, key, value, bias, q_lengths, kv_lengths = residuals
-  reference = lambda q, k, v, b: _xla_attention(
-      q, k, v, bias=b, is_causal=is_causal, query_seq_lengths=q_lengths,
-      key_value_seq_lengths=kv_lengths).astype(q.dtype)
-  return (*jax.vjp(reference, query, key, value, bias)[1](d_out), None, None)
-
-
-_cudnn_xla_gradients.defvjp(_cudnn_xla_gradients_fwd, _cudnn_xla_gradients_bwd)
-
-
-def _cudnn_call(query, key, value, *, bias, is_causal, query_seq_lengths, key_value_seq_lengths):
-  if bias is None:
-    return fused.cudnn_attention(query, key, value, is_causal=is_causal,
-                                 query_seq_lengths=query_seq_lengths,
-                                 key_value_seq_lengths=key_value_seq_lengths)
-  as_array = lambda x: None if x is None else jnp.asarray(x, jnp.int32)
-  return _cudnn_xla_gradients(query, key, value, bias, as_array(query_seq_lengths),
-                              as_array(key_value_seq_lengths), bool(is_causal))
-
-
-def _cudnn_attention(query, key, value, *, dropout_rate, dropout_rng, mask, bias=None,
-                     is_causal=False, query_seq_lengths=None, key_value_seq_lengths=None):
-  """cuDNN; a key mask (`_as_key_lengths`) becomes key_value_seq_lengths when every row of it
-  is right-padded (checked on the device), else the call runs on 'blockwise'. With a bias the
-  gradients come from 'xla' (`_cudnn_xla_gradients`)."""
-  del dropout_rate, dropout_rng  # dropout is refused by why_not_cudnn
-  options = dict(bias=bias, is_causal=is_causal, query_seq_lengths=query_seq_lengths)
-  if mask is None:
-    return _cudnn_call(query, key, value, key_value_seq_lengths=key_value_seq_lengths,
-                       **options)
-  b, s = query.shape[0], key.shape[1]
-  valid = _key_valid(mask, b, s)
-  if key_value_seq_lengths is not None:
-    valid &= jnp.arange(s)[None, :] < jnp.asarray(key_value_seq_lengths)[:, None]
-  lengths = valid.sum(axis=-1, dtype=jnp.int32)
-  right_padded = jnp.all(valid == (jnp.arange(s)[None, :] < lengths[:, None]))
-  on_cudnn = lambda: _cudnn_call(query, key, value, key_value_seq_lengths=lengths, **options)
-  # The fallback keeps O(T) residuals: under grad, lax.cond stores both branches' residuals.
-  on_blockwise = lambda: blockwise.blockwise_attention(
-      query, key, value, mask=mask, key_value_seq_lengths=key_value_seq_lengths,
-      **options).astype(query.dtype)
-  return jax.lax.cond(right_padded, on_cudnn, on_blockwise)
-
-
 def _pallas_attention(query, key, value, *, is_causal, **unused):
   del unused  # bias, masks, lengths and dropout are refused by why_not_pallas
   return fused.pallas_attention(query, key, value, is_causal=is_causal)
@@ -206,7 +140,8 @@ def _pallas_attention(query, key, value, *, is_causal, **unused):
 IMPLEMENTATIONS = {
     'xla': (_xla_attention, lambda call: None),
     'blockwise': (blockwise.blockwise_attention, lambda call: None),
-    'cudnn': (_cudnn_attention, fused.why_not_cudnn),
+    'cudnn': (functools.partial(fused.cudnn_with_masks, reference=_xla_attention),
+              fused.why_not_cudnn),
     'pallas': (_pallas_attention, fused.why_not_pallas),
 }
 

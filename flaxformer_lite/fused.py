@@ -13,10 +13,13 @@ on machines without an accelerator.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
+
+from flaxformer_lite import blockwise
 
 # Lengths the Pallas kernels tile by; a length must be a multiple (or shorter than one tile).
 PALLAS_BLOCK = 128
@@ -55,8 +58,8 @@ def why_not_cudnn(call) -> str | None:
   max_head_dim = 256 if capability >= (9, 0) else 128
   if call.head_dim % 8 or call.head_dim > max_head_dim:
     return f'head_dim={call.head_dim} must be a multiple of 8 and at most {max_head_dim}'
-  # With a bias, jax.nn's cuDNN call returns a wrong (~0) bias gradient: attention.py takes the
-  # gradients of such calls from 'xla' (`_cudnn_xla_gradients`).
+  # With a bias, jax.nn's cuDNN call returns a wrong (~0) bias gradient: `cudnn_with_masks`
+  # takes the gradients of such calls from 'xla'.
   if call.bias_shape is not None and (call.q_len % 2 or call.kv_len % 2):
     return f'with a bias cuDNN needs even lengths, got q_len={call.q_len}, kv_len={call.kv_len}'
   return None
@@ -104,6 +107,81 @@ def cudnn_attention(query, key, value, *, bias=None, is_causal=False, query_seq_
     return out
   valid = jnp.broadcast_to(valid, (b, n, t, 1)).transpose(0, 2, 1, 3)  # [B, T, N, 1]
   return jnp.where(valid, out, jnp.zeros((), out.dtype))
+
+
+# With a bias, jax.nn's cuDNN attention returns a bias gradient of ~0 (measured on an H200: jax
+# 0.11.2, cuDNN 9.19; its dq, dk, dv are right): such calls take their gradients from
+# `reference` (attention.py's 'xla'), a non-differentiable argument so this file needs no
+# import of attention.py.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 7))
+def _cudnn_reference_gradients(reference, query, key, value, bias, query_seq_lengths,
+                               key_value_seq_lengths, is_causal):
+  return cudnn_attention(query, key, value, bias=bias, is_causal=is_causal,
+                         query_seq_lengths=query_seq_lengths,
+                         key_value_seq_lengths=key_value_seq_lengths)
+
+
+def _cudnn_reference_gradients_fwd(reference, query, key, value, bias, q_lengths, kv_lengths,
+                                   is_causal):
+  out = _cudnn_reference_gradients(reference, query, key, value, bias, q_lengths, kv_lengths,
+                                   is_causal)
+  return out, (query, key, value, bias, q_lengths, kv_lengths)
+
+
+def _cudnn_reference_gradients_bwd(reference, is_causal, residuals, d_out):
+  query, key, value, bias, q_lengths, kv_lengths = residuals
+  attend = lambda q, k, v, b: reference(
+      q, k, v, bias=b, is_causal=is_causal, query_seq_lengths=q_lengths,
+      key_value_seq_lengths=kv_lengths).astype(q.dtype)
+  return (*jax.vjp(attend, query, key, value, bias)[1](d_out), None, None)
+
+
+_cudnn_reference_gradients.defvjp(_cudnn_reference_gradients_fwd, _cudnn_reference_gradients_bwd)
+
+
+def _cudnn_call(query, key, value, *, reference, bias, is_causal, query_seq_lengths,
+                key_value_seq_lengths):
+  if bias is None:
+    return cudnn_attention(query, key, value, is_causal=is_causal,
+                           query_seq_lengths=query_seq_lengths,
+                           key_value_seq_lengths=key_value_seq_lengths)
+  as_array = lambda x: None if x is None else jnp.asarray(x, jnp.int32)
+  return _cudnn_reference_gradients(reference, query, key, value, bias,
+                                    as_array(query_seq_lengths),
+                                    as_array(key_value_seq_lengths), bool(is_causal))
+
+
+def _key_valid(mask, batch, kv_len):
+  """`[B, S]` from a key mask broadcastable to `[B, 1, 1, S]`."""
+  mask = jnp.reshape(mask, (1,) * (4 - jnp.ndim(mask)) + jnp.shape(mask))
+  return jnp.broadcast_to(mask[:, 0, 0, :], (batch, kv_len))
+
+
+def cudnn_with_masks(query, key, value, *, reference, dropout_rate, dropout_rng, mask,
+                     bias=None, is_causal=False, query_seq_lengths=None,
+                     key_value_seq_lengths=None):
+  """`cudnn_attention` as `attention.dot_product_attention` calls it: a key mask (one that
+  broadcasts to `[B, 1, 1, S]`) becomes key_value_seq_lengths when every row of it is
+  right-padded (checked on the device), else the call runs on 'blockwise'. With a bias the
+  gradients are `reference`'s (attention.py's 'xla')."""
+  del dropout_rate, dropout_rng  # dropout is refused by why_not_cudnn
+  options = dict(bias=bias, is_causal=is_causal, query_seq_lengths=query_seq_lengths)
+  if mask is None:
+    return _cudnn_call(query, key, value, reference=reference,
+                       key_value_seq_lengths=key_value_seq_lengths, **options)
+  b, s = query.shape[0], key.shape[1]
+  valid = _key_valid(mask, b, s)
+  if key_value_seq_lengths is not None:
+    valid &= jnp.arange(s)[None, :] < jnp.asarray(key_value_seq_lengths)[:, None]
+  lengths = valid.sum(axis=-1, dtype=jnp.int32)
+  right_padded = jnp.all(valid == (jnp.arange(s)[None, :] < lengths[:, None]))
+  on_cudnn = lambda: _cudnn_call(query, key, value, reference=reference,
+                                 key_value_seq_lengths=lengths, **options)
+  # The fallback keeps O(T) residuals: under grad, lax.cond stores both branches' residuals.
+  on_blockwise = lambda: blockwise.blockwise_attention(
+      query, key, value, mask=mask, key_value_seq_lengths=key_value_seq_lengths,
+      **options).astype(query.dtype)
+  return jax.lax.cond(right_padded, on_cudnn, on_blockwise)
 
 
 def _pallas_kernel(platform):
