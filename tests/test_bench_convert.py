@@ -14,6 +14,7 @@ def test_quick_run_records_parity_and_loading(tmp_path):
   assert set(record['parity_max_abs_diff']) == set(hf_tiny.KINDS)
   assert max(record['parity_max_abs_diff'].values()) <= 1e-5
   for who in ('ours', 'transformers'):  # both loaded the checkpoint, each in its own process
-    assert set(record['loading'][who]) == {'seconds', 'peak_mb', 'before_mb', 'added_peak_mb'}
-    assert record['loading'][who]['peak_mb'] >= record['loading'][who]['before_mb']
+    memory = record['loading'][who]  # its time is the benchmark's figure, not asserted here
+    assert memory['peak_mb'] >= memory['before_mb'] > 0
+    assert memory['added_peak_mb'] == memory['peak_mb'] - memory['before_mb']
   assert record['loading']['n_params'] > 0
